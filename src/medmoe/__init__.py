@@ -1,0 +1,3 @@
+"""medmoe: Med-MoE-LoRA, a mixture of LoRA experts for multi-task domain adaptation of causal LMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""MoELoRAConfig: what Med-MoE-LoRA adapts and how, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from medmoe.adapters.allocation import (
+    DEFAULT_ALLOWED_RANKS,
+    RANK_PATTERNS,
+    assign_ranks,
+    bottom_heavy_counts,
+    check_ranks,
+    counts_from_ranges,
+    expert_counts,
+    uniform_counts,
+)
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALLOCATIONS = ("eq2", "ranges", "uniform", "bottom_heavy")
+
+
+@dataclass
+class MoELoRAConfig:
+    """Med-MoE-LoRA adapter configuration. The defaults are the paper's setup (Sec. 4.1).
+
+    Attributes:
+        target_modules: names (last path component) of the linear layers adapted in every
+            decoder layer. Default: all attention and MLP projections of Llama/Qwen2/Mistral.
+        allocation: how many experts each decoder layer gets:
+            ``"eq2"`` (eq 2 with ``n_min``, ``n_max``, ``gamma``), ``"ranges"`` (explicit
+            ``layer_ranges``; layers no range covers follow eq 2), ``"uniform"``
+            (``num_experts`` everywhere) or ``"bottom_heavy"`` (eq 2 mirrored).
+        n_min: fewest experts per layer (eq 2).
+        n_max: most experts per layer (eq 2).
+        gamma: curvature of eq 2, >= 1.
+        layer_ranges: 1-based inclusive layer ranges -> expert count, for ``"ranges"``. The
+            paper's experiment: ``{"1-10": 2, "20-32": 8}`` (layers 11-19, on which the paper
+            is silent, follow eq 2). Table 3 writes the top block as 23-32; both readings are
+            expressible.
+        num_experts: experts per layer for ``"uniform"``.
+        allowed_ranks: the discrete set of expert ranks (rank-wise decoupling, Sec. 3.5).
+        rank_pattern: how a layer's experts get their ranks: ``"cycle"``, ``"spread"`` or
+            ``"equal"`` (see :func:`medmoe.adapters.allocation.assign_ranks`).
+        expert_rank: the rank for ``"equal"`` (must be in ``allowed_ranks``).
+        num_base_experts: base (anchor) experts per layer, the first ones of each layer.
+        top_k: ``None`` for soft merging (the method); k for top-k routing (vanilla MoE-LoRA).
+        alpha_over_r: ``alpha_i = alpha_over_r * r_i`` (paper: alpha = 2r, so every scale is 2).
+        alpha: if set, a fixed alpha for every expert instead (scale alpha / r_i).
+        tau_init: initial router temperature.
+        learn_tau: learn tau (one per adapted layer) or keep it at ``tau_init``.
+        tau_range: clamp range of tau, so it cannot run off to a uniform router.
+        dropout: dropout on the expert path's input.
+    """
+
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    allocation: Literal["eq2", "ranges", "uniform", "bottom_heavy"] = "ranges"
+    n_min: int = 2
+    n_max: int = 8
+    gamma: float = 1.0
+    layer_ranges: dict[str, int] | None = field(default_factory=lambda: {"1-10": 2, "20-32": 8})
+    num_experts: int = 4
+    allowed_ranks: list[int] = field(default_factory=lambda: list(DEFAULT_ALLOWED_RANKS))
+    rank_pattern: Literal["cycle", "spread", "equal"] = "cycle"
+    expert_rank: int | None = None
+    num_base_experts: int = 1
+    top_k: int | None = None
+    alpha_over_r: float = 2.0
+    alpha: float | None = None
+    tau_init: float = 1.0
+    learn_tau: bool = True
+    tau_range: tuple[float, float] = (0.1, 10.0)
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        self.target_modules = list(self.target_modules)
+        self.allowed_ranks = [int(r) for r in self.allowed_ranks]
+        self.tau_range = (float(self.tau_range[0]), float(self.tau_range[1]))
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one linear layer")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"unknown allocation {self.allocation!r}; accepted: {', '.join(ALLOCATIONS)}"
+            )
+        if self.n_min < 1 or self.n_min > self.n_max:
+            raise ValueError(
+                f"need 1 <= n_min <= n_max, got n_min={self.n_min}, n_max={self.n_max}"
+            )
+        if not self.gamma >= 1:
+            raise ValueError(f"gamma must be >= 1 (eq 2), got {self.gamma}")
+        if self.allocation == "ranges" and not self.layer_ranges:
+            raise ValueError("allocation='ranges' needs layer_ranges, e.g. {'1-10': 2, '20-32': 8}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not self.allowed_ranks or min(self.allowed_ranks) < 1:
+            raise ValueError(f"allowed_ranks must be positive integers, got {self.allowed_ranks}")
+        if self.rank_pattern not in RANK_PATTERNS:
+            raise ValueError(
+                f"unknown rank_pattern {self.rank_pattern!r}; accepted: {', '.join(RANK_PATTERNS)}"
+            )
+        if self.expert_rank is not None:
+            check_ranks([self.expert_rank], self.allowed_ranks)
+        if self.num_base_experts < 0:
+            raise ValueError(f"num_base_experts must be >= 0, got {self.num_base_experts}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be None (soft merging) or >= 1, got {self.top_k}")
+        low, high = self.tau_range
+        if not 0 < low <= self.tau_init <= high:
+            raise ValueError(
+                f"need 0 < tau_range[0] <= tau_init <= tau_range[1], got tau_init="
+                f"{self.tau_init}, tau_range={self.tau_range}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+
+    def layer_expert_counts(self, num_layers: int) -> list[int]:
+        """N_l for l = 1..num_layers under this config's allocation."""
+        if self.allocation == "eq2":
+            counts = expert_counts(num_layers, self.n_min, self.n_max, self.gamma)
+        elif self.allocation == "bottom_heavy":
+            counts = bottom_heavy_counts(num_layers, self.n_min, self.n_max, self.gamma)
+        elif self.allocation == "uniform":
+            counts = uniform_counts(num_layers, self.num_experts)
+        else:
+            fill = expert_counts(num_layers, self.n_min, self.n_max, self.gamma)
+            counts = counts_from_ranges(num_layers, self.layer_ranges or {}, fill=fill)
+        for layer, n in enumerate(counts, start=1):
+            if n <= self.num_base_experts:
+                raise ValueError(
+                    f"layer {layer} gets {n} expert(s), which leaves no specialist beside "
+                    f"num_base_experts={self.num_base_experts}"
+                )
+        return counts
+
+    def layer_ranks(self, num_layers: int) -> list[list[int]]:
+        """The ranks of every expert of every decoder layer."""
+        return [
+            assign_ranks(n, self.allowed_ranks, self.rank_pattern, self.expert_rank)
+            for n in self.layer_expert_counts(num_layers)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MoELoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MoELoRAConfig key(s) {unknown}; accepted: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,199 @@
+"""The Med-MoE-LoRA layer: a frozen linear layer plus a soft-merged mixture of LoRA experts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MoELoRALinear(nn.Module):
+    """``h = W0 x + sum_i g_i(x) * (alpha_i / r_i) * B_i A_i x`` with ``g = softmax(W_g x / tau)``.
+
+    Implements eq 1 and eq 4 (experts of different ranks ``r_i``) with the temperature-scaled
+    router of eq 3. All experts are computed with two matrix products over the stacked factors
+    ``A`` (sum r x d_in) and ``B`` (d_out x sum r); each expert's gate is expanded over its rank
+    slots, so the forward has no Python loop over experts and no host synchronisation.
+
+    Args:
+        base: the frozen linear layer ``W0`` (its parameters are set to ``requires_grad=False``).
+        ranks: the rank of every expert, e.g. ``(8, 16, 32)``.
+        num_base_experts: the first ``num_base_experts`` experts form the base (anchor) group
+            that the knowledge-preservation loss reserves for general samples.
+        top_k: keep only the ``k`` largest gates per token and renormalise them (the vanilla
+            MoE-LoRA baseline); ``None`` or ``k >= N`` is soft merging over all experts.
+        alpha_over_r: ``alpha_i = alpha_over_r * r_i``, so every expert's scale is
+            ``alpha_over_r`` (the paper's ``alpha = 2r``).
+        alpha: if given, a fixed ``alpha_i = alpha`` for every expert instead, so a rank-8
+            expert gets 4x the scale of a rank-32 one (classic LoRA scaling).
+        tau_init: the initial router temperature.
+        learn_tau: learn ``log tau`` (one scalar per layer) or keep it fixed.
+        tau_range: ``tau`` is clamped into this closed interval.
+        dropout: dropout on the input of the expert path (applied once, shared by all experts).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        ranks: Sequence[int],
+        *,
+        num_base_experts: int = 0,
+        top_k: int | None = None,
+        alpha_over_r: float = 2.0,
+        alpha: float | None = None,
+        tau_init: float = 1.0,
+        learn_tau: bool = True,
+        tau_range: tuple[float, float] = (0.1, 10.0),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MoELoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        ranks = tuple(int(r) for r in ranks)
+        if not ranks or min(ranks) < 1:
+            raise ValueError(f"ranks must be a non-empty list of positive integers, got {ranks}")
+        if not 0 <= num_base_experts < len(ranks):
+            raise ValueError(
+                f"num_base_experts={num_base_experts} must leave at least one specialist among "
+                f"{len(ranks)} experts (accepted: 0..{len(ranks) - 1})"
+            )
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be None (soft merging) or >= 1, got {top_k}")
+        low, high = tau_range
+        if not 0 < low <= tau_init <= high:
+            raise ValueError(
+                f"need 0 < tau_range[0] <= tau_init <= tau_range[1], got "
+                f"tau_init={tau_init}, tau_range={tau_range}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+
+        self.base = base.requires_grad_(False)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.ranks = ranks
+        self.num_experts = len(ranks)
+        self.num_base_experts = num_base_experts
+        self.top_k = top_k if top_k is not None and top_k < self.num_experts else None
+        self.tau_range = (float(low), float(high))
+        self.adapter_enabled = True
+        self.record_routing = True
+        self._last_probs: Tensor | None = None
+
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        total_rank = sum(ranks)
+        self.lora_A = nn.Parameter(torch.empty(total_rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, total_rank, **factory))
+        # The router always runs in float32, whatever the model dtype.
+        self.router = nn.Linear(
+            self.in_features, self.num_experts, bias=False, device=base.weight.device
+        )
+        log_tau = torch.tensor(math.log(tau_init), device=base.weight.device)
+        if learn_tau:
+            self.log_tau = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_tau", log_tau)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        # slot -> expert map and per-slot scale alpha_i / r_i: [sum r]
+        slot_expert = torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(ranks))
+        scales = [alpha / r if alpha is not None else alpha_over_r for r in ranks]
+        self.register_buffer("slot_expert", slot_expert.to(base.weight.device), persistent=False)
+        self.register_buffer(
+            "slot_scale",
+            torch.tensor(scales, device=base.weight.device)[slot_expert],
+            persistent=False,
+        )
+        self.scales = tuple(float(s) for s in scales)
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        """A ~ Kaiming-uniform (each expert its own draw), B = 0, router as nn.Linear."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        self.router.reset_parameters()
+
+    # ----------------------------------------------------------------- public accessors
+    @property
+    def tau(self) -> Tensor:
+        """The current router temperature, ``exp(log tau)`` clamped to ``tau_range``."""
+        return self.log_tau.float().exp().clamp(*self.tau_range)
+
+    def expert(self, i: int) -> tuple[Tensor, Tensor]:
+        """Views ``(A_i, B_i)`` of expert ``i`` with shapes [r_i, d_in] and [d_out, r_i]."""
+        if not 0 <= i < self.num_experts:
+            raise IndexError(f"expert index {i} out of range for {self.num_experts} experts")
+        start = sum(self.ranks[:i])
+        stop = start + self.ranks[i]
+        return self.lora_A[start:stop], self.lora_B[:, start:stop]
+
+    def router_probs(self, x: Tensor) -> Tensor:
+        """``softmax(W_g x / tau)`` before any top-k (eq 3): [..., N].
+
+        Computed in float32 for half-precision models (float64 stays float64).
+        """
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        return torch.softmax(logits / self.tau.to(dtype), dim=-1)
+
+    def gates_from_probs(self, probs: Tensor) -> Tensor:
+        """Apply top-k (keep the k largest, renormalise) if configured: [..., N] -> [..., N]."""
+        if self.top_k is None:
+            return probs
+        top_values, top_index = probs.topk(self.top_k, dim=-1)
+        top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(-1, top_index, top_values)
+
+    def gates(self, x: Tensor) -> Tensor:
+        """The routing weights the forward uses, shape [..., N] (float32 or wider)."""
+        return self.gates_from_probs(self.router_probs(x))
+
+    @property
+    def last_probs(self) -> Tensor | None:
+        """Router probabilities of the last forward ([..., N], float32, with autograd graph)."""
+        return self._last_probs
+
+    @property
+    def last_gates(self) -> Tensor | None:
+        """Gates the last forward used ([..., N]), derived from :attr:`last_probs`."""
+        return None if self._last_probs is None else self.gates_from_probs(self._last_probs)
+
+    def clear_routing(self) -> None:
+        self._last_probs = None
+
+    def active_parameter_count(self) -> float:
+        """Adapter parameters one token uses (Table 4): router, tau and the experts it merges.
+
+        Soft merging uses every expert. Top-k uses k experts; with mixed ranks which k varies
+        per token, so this is k times the mean expert size (exact when ranks are equal).
+        """
+        expert_sizes = [r * (self.in_features + self.out_features) for r in self.ranks]
+        experts = sum(expert_sizes)
+        if self.top_k is not None:
+            experts = self.top_k * experts / self.num_experts
+        learned_tau = 1 if isinstance(self.log_tau, nn.Parameter) else 0
+        return experts + self.router.weight.numel() + learned_tau
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if not self.adapter_enabled:
+            return out
+        probs = self.router_probs(x)  # [..., N]
+        if self.record_routing:
+            self._last_probs = probs
+        gates = self.gates_from_probs(probs)
+        # Expand each expert's gate over its rank slots, scaled by alpha_i / r_i: [..., sum r]
+        slot_weights = gates.index_select(-1, self.slot_expert) * self.slot_scale
+        hidden = F.linear(self.dropout(x), self.lora_A)  # [..., sum r]
+        return out + F.linear(hidden * slot_weights.to(hidden.dtype), self.lora_B)
+
+    def extra_repr(self) -> str:
+        routing = "soft" if self.top_k is None else f"top-{self.top_k}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"ranks={self.ranks}, num_base_experts={self.num_base_experts}, routing={routing}"
+        )

@@ -1,0 +1,155 @@
+"""Adapter state: adapter-only safetensors files, switching adapters off, parameter counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from medmoe.adapters.config import MoELoRAConfig
+from medmoe.adapters.inject import CONFIG_ATTRIBUTE, apply_moe_lora, moe_lora_layers
+from medmoe.adapters.moe_lora import MoELoRALinear
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The MoE-LoRA tensors of the model (A, B, router, log tau), keyed by qualified name."""
+    state = {}
+    for name, layer in moe_lora_layers(model):
+        state[f"{name}.lora_A"] = layer.lora_A
+        state[f"{name}.lora_B"] = layer.lora_B
+        state[f"{name}.router.weight"] = layer.router.weight
+        state[f"{name}.log_tau"] = layer.log_tau
+    return state
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
+
+    The files are written into a temporary sibling folder first and swapped in whole, so a
+    failure part-way never replaces a good adapter with a partial one.
+    """
+    config: MoELoRAConfig | None = getattr(model, CONFIG_ATTRIBUTE, None)
+    if config is None:
+        raise ValueError("the model carries no MoE-LoRA config: call apply_moe_lora first")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    description = {"medmoe_config": config.to_dict(), "metadata": metadata or {}}
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(tensors, staging / ADAPTER_WEIGHTS)
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(description, indent=2, sort_keys=True))
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            directory.rename(retired)
+            staging.rename(directory)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> MoELoRAConfig:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no adapter config at {path} (expected {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS})"
+        )
+    description = json.loads(path.read_text())
+    if "medmoe_config" not in description:
+        raise ValueError(f"{path} has no 'medmoe_config' key; is it a medmoe adapter?")
+    return MoELoRAConfig.from_dict(description["medmoe_config"])
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRALinear]:
+    """Load a saved adapter onto ``model`` (adapting it first if it carries no MoE-LoRA layers).
+
+    Every tensor must match by name and shape: missing, unexpected or misshapen tensors raise
+    ValueError naming the file and the keys.
+    """
+    directory = Path(directory)
+    if not any(isinstance(m, MoELoRALinear) for m in model.modules()):
+        apply_moe_lora(model, read_adapter_config(directory))
+    weights_path = directory / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no adapter weights at {weights_path}")
+    saved = load_file(weights_path)
+    current = adapter_state_dict(model)
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_path} does not match the model: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
+    with torch.no_grad():
+        for key, target in current.items():
+            if target.shape != saved[key].shape:
+                raise ValueError(
+                    f"{weights_path}: {key} has shape {tuple(saved[key].shape)}, the model expects {tuple(target.shape)}"
+                )
+            target.copy_(saved[key])
+    return [layer for _, layer in moe_lora_layers(model)]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every MoE-LoRA layer returns ``W0 x`` alone inside the block."""
+    layers = [layer for _, layer in moe_lora_layers(model)]
+    previous = [layer.adapter_enabled for layer in layers]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, previous, strict=True):
+            layer.adapter_enabled = enabled
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameter counts (Table 4): ``active`` is what one token uses, never derived from ``trainable``."""
+
+    total: int
+    trainable: int
+    active: float
+
+
+def parameter_counts(model: nn.Module) -> ParameterCounts:
+    """Total, trainable and active-per-token trainable parameters.
+
+    Modules that route (anything with ``active_parameter_count()``) report their own active
+    share; every other trainable parameter is active for every token.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    routed = [m for m in model.modules() if hasattr(m, "active_parameter_count")]
+    routed_params = {id(p) for m in routed for p in m.parameters() if p.requires_grad}
+    plain = sum(
+        p.numel() for p in model.parameters() if p.requires_grad and id(p) not in routed_params
+    )
+    return ParameterCounts(
+        total=total,
+        trainable=trainable,
+        active=plain + sum(m.active_parameter_count() for m in routed),
+    )
