@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+from torch import nn
 
 from medmoe.adapters.allocation import (
     DEFAULT_ALLOWED_RANKS,
@@ -16,13 +22,14 @@ from medmoe.adapters.allocation import (
     expert_counts,
     uniform_counts,
 )
+from medmoe.adapters.spec import AdapterSpec
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALLOCATIONS = ("eq2", "ranges", "uniform", "bottom_heavy")
 
 
 @dataclass
-class MoELoRAConfig:
+class MoELoRAConfig(AdapterSpec):
     """Med-MoE-LoRA adapter configuration. The defaults are the paper's setup (Sec. 4.1).
 
     Attributes:
@@ -150,3 +157,28 @@ class MoELoRAConfig:
         if unknown:
             raise ValueError(f"unknown MoELoRAConfig key(s) {unknown}; accepted: {sorted(known)}")
         return cls(**values)
+
+    # ----------------------------------------------------------------- AdapterSpec
+    def apply(self, model: nn.Module) -> nn.Module:
+        from medmoe.adapters.inject import apply_moe_lora
+
+        apply_moe_lora(model, self)
+        return model
+
+    @contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
+        from medmoe.adapters.state import adapters_disabled
+
+        with adapters_disabled(model):
+            yield model
+
+    def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
+        from medmoe.adapters.state import save_adapter
+
+        return save_adapter(model, directory)
+
+    def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+        from medmoe.adapters.state import load_adapter
+
+        load_adapter(model, directory)
+        return model

@@ -1,0 +1,83 @@
+"""Full fine-tuning baseline: every parameter trains; the whole model is saved."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from medmoe.adapters.spec import AdapterSpec
+
+_SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+
+
+@dataclass
+class FullFineTune(AdapterSpec):
+    """Full fine-tuning: no adapter, all weights train.
+
+    Attributes:
+        max_shard_size: the largest safetensors shard :meth:`save` writes (``save_pretrained``'s
+            ``max_shard_size``): a size such as ``"5GB"`` or a positive number of bytes.
+    """
+
+    max_shard_size: str | int = "5GB"
+
+    def __post_init__(self) -> None:
+        size = self.max_shard_size
+        valid_int = isinstance(size, int) and not isinstance(size, bool) and size > 0
+        if not valid_int and not (isinstance(size, str) and _SHARD_SIZE.match(size)):
+            raise ValueError(
+                f"max_shard_size must be a size such as '5GB' or '500MB' or a positive number of "
+                f"bytes, got {size!r}"
+            )
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return model.requires_grad_(True)
+
+    @contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
+        raise NotImplementedError(
+            "FullFineTune overwrites the base weights, so the base model cannot be switched back "
+            "on after training; measure forgetting against a separately loaded copy of the base"
+        )
+        yield model  # pragma: no cover
+
+    def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
+        """The full model as safetensors (``save_pretrained``, sharded above ``max_shard_size``)."""
+        if not hasattr(model, "save_pretrained"):
+            raise TypeError(
+                f"FullFineTune.save needs a Hugging Face model, got {type(model).__name__}"
+            )
+        directory = Path(directory)
+        model.save_pretrained(directory, max_shard_size=self.max_shard_size)
+        return directory
+
+    def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+        """Copy every ``*.safetensors`` tensor of ``directory`` into ``model``.
+
+        A parameter missing from the files is an error unless it shares storage with one that
+        was loaded (tied embeddings, which ``save_pretrained`` writes once).
+        """
+        directory = Path(directory)
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {directory}")
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            state.update(load_file(path))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{directory}: unexpected tensors {result.unexpected_keys[:5]}")
+        current = model.state_dict()
+        loaded = {current[k].data_ptr() for k in state}
+        missing = [k for k in result.missing_keys if current[k].data_ptr() not in loaded]
+        if missing:
+            raise ValueError(f"{directory}: missing tensors {missing[:5]}")
+        return model

@@ -1,0 +1,114 @@
+"""Standard LoRA baseline (Hu et al. 2021, ``h = W0 x + (alpha / r) B A x``) through ``peft``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from medmoe.adapters.config import LLAMA_TARGETS
+from medmoe.adapters.spec import AdapterSpec
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+BIASES = ("none", "all", "lora_only")
+
+
+def _peft_model(model: nn.Module, action: str) -> nn.Module:
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"LoRA.{action} needs the PeftModel that LoRA.apply returned, got {type(model).__name__}"
+        )
+    return model
+
+
+@dataclass
+class LoRA(AdapterSpec):
+    """One LoRA shared by all tasks, built by ``peft`` (the paper's "standard LoRA", r=16).
+
+    Attributes:
+        r: LoRA rank (>= 1).
+        lora_alpha: LoRA alpha; the update is scaled by ``lora_alpha / r`` (default 32 / 16 = 2,
+            the same scale as every Med-MoE-LoRA expert).
+        dropout: dropout on the LoRA path's input, in [0, 1).
+        target_modules: names of the adapted linear layers (default: the 7 Llama projections).
+        bias: ``peft``'s bias mode: ``"none"``, ``"all"`` or ``"lora_only"``.
+    """
+
+    r: int = 16
+    lora_alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self) -> None:
+        self.target_modules = list(self.target_modules)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one linear layer, got []")
+        if self.bias not in BIASES:
+            raise ValueError(f"bias must be one of {', '.join(BIASES)}, got {self.bias!r}")
+
+    def peft_config(self):
+        """The equivalent ``peft.LoraConfig``."""
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias=self.bias,
+            task_type=TaskType.CAUSAL_LM,
+        )
+
+    # ----------------------------------------------------------------- AdapterSpec
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Wrap ``model`` with ``peft.get_peft_model``; only LoRA (and bias) parameters train."""
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config())
+
+    @contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
+        with _peft_model(model, "disabled").disable_adapter():
+            yield model
+
+    def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
+        """``peft``'s ``save_pretrained``: ``adapter_model.safetensors`` + ``adapter_config.json``."""
+        directory = Path(directory)
+        _peft_model(model, "save").save_pretrained(directory, safe_serialization=True)
+        return directory
+
+    def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+        """Load onto the PeftModel from :meth:`apply`, or wrap a bare base model with the file's
+        adapter (``PeftModel.from_pretrained``). Missing or unexpected LoRA tensors raise."""
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        weights = directory / PEFT_WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"no peft adapter weights at {weights}")
+        if not isinstance(model, PeftModel):
+            return PeftModel.from_pretrained(model, directory, is_trainable=True)
+        result = set_peft_model_state_dict(model, load_file(weights))
+        unexpected = list(result.unexpected_keys)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        return model

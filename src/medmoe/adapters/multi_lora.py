@@ -1,0 +1,374 @@
+"""Multi-LoRA baseline: one LoRA per task, each sample routed by its task id.
+
+``h = W0 x + (alpha / r) B_t A_t x`` with ``t`` the task of the sample ``x`` belongs to, at
+training and at evaluation. The T adapters of a layer are stacked (``A``: [T, r, d_in], ``B``:
+[T, d_out, r]) and gathered per sample, so the forward has no loop over tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from medmoe.adapters.config import LLAMA_TARGETS
+from medmoe.adapters.inject import decoder_layers
+from medmoe.adapters.spec import AdapterSpec
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+METHOD = "MultiLoRA"
+ROUTING_ATTRIBUTE = "medmoe_task_routing"
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus T task-specific LoRAs, the sample's task picking one.
+
+    Args:
+        base: the frozen linear layer ``W0``.
+        num_tasks: T, the number of task adapters.
+        r: rank of every task adapter.
+        lora_alpha: every adapter's update is scaled by ``lora_alpha / r``.
+        dropout: dropout on the LoRA path's input.
+
+    Set the batch's task ids ([B] integers, or a 0-dim tensor: one task for every sample) with
+    :meth:`set_task_ids` before the forward; the input's first dimension must be the batch.
+    """
+
+    def __init__(
+        self, base: nn.Linear, num_tasks: int, r: int, lora_alpha: float, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MultiLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if num_tasks < 1 or r < 1:
+            raise ValueError(f"need num_tasks >= 1 and r >= 1, got num_tasks={num_tasks}, r={r}")
+        self.base = base.requires_grad_(False)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.num_tasks = num_tasks
+        self.r = r
+        self.scaling = lora_alpha / r
+        self.adapter_enabled = True
+        self.task_ids: Tensor | None = None
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(num_tasks, r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_tasks, self.out_features, r, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        """Every A as ``nn.Linear``'s Kaiming-uniform (bound 1/sqrt(d_in)), every B = 0."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.lora_A, -bound, bound)
+        nn.init.zeros_(self.lora_B)
+
+    def set_task_ids(self, task_ids: Tensor | None) -> None:
+        self.task_ids = task_ids
+
+    def active_parameter_count(self) -> int:
+        """Parameters one token uses (Table 4): one task's adapter, not all T."""
+        return self.r * (self.in_features + self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if not self.adapter_enabled:
+            return out
+        task_ids = self.task_ids
+        if task_ids is None:
+            raise RuntimeError(
+                "MultiLoRALinear has no task ids: every sample needs its task's adapter, at "
+                "training and evaluation; call MultiLoRA.prepare_batch(model, batch) before "
+                "the forward, or run it inside MultiLoRA.task_context(model, task)"
+            )
+        batch = x.shape[0]
+        if task_ids.dim() == 0:  # one task for the whole batch
+            task_ids = task_ids.expand(batch)
+        if batch != task_ids.shape[0]:
+            raise ValueError(
+                f"input batch dimension {batch} does not match {task_ids.shape[0]} task ids"
+            )
+        hidden = self.dropout(x).reshape(batch, -1, self.in_features)  # [B, L, d_in]
+        a = self.lora_A.index_select(0, task_ids)  # [B, r, d_in]
+        b = self.lora_B.index_select(0, task_ids)  # [B, d_out, r]
+        low = torch.bmm(hidden, a.transpose(1, 2))  # [B, L, r]
+        delta = torch.bmm(low, b.transpose(1, 2))  # [B, L, d_out]
+        return out + (delta * self.scaling).reshape(out.shape).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_tasks={self.num_tasks}, r={self.r}, scaling={self.scaling:g}"
+        )
+
+
+def multi_lora_layers(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
+    """``(qualified name, layer)`` for every multi-LoRA layer, in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+
+
+class TaskRouting:
+    """The task ids of one model's multi-LoRA layers, kept from going stale.
+
+    Ids set for an evaluation forward (grad disabled) serve one top-level forward and are then
+    cleared. Ids set in training (grad enabled) stay until the next batch, since gradient
+    checkpointing re-runs the layers in the backward; a no-grad forward that finds such
+    training ids raises instead of silently reusing them. Ids set with ``pinned=True``
+    (:meth:`MultiLoRA.task_context`, e.g. around ``generate``) stay until unpinned.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [layer for _, layer in multi_lora_layers(model)]
+        self.set_with_grad = False
+        self.pinned = False
+        model.register_forward_pre_hook(self._before_forward)
+        model.register_forward_hook(self._after_forward)
+
+    @property
+    def task_ids(self) -> Tensor | None:
+        return self.layers[0].task_ids
+
+    def set(self, task_ids: Tensor | None, *, pinned: bool = False) -> None:
+        for layer in self.layers:
+            layer.set_task_ids(task_ids)
+        self.set_with_grad = torch.is_grad_enabled()
+        self.pinned = pinned and task_ids is not None
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        stale = self.set_with_grad and not self.pinned and self.task_ids is not None
+        if stale and not torch.is_grad_enabled():
+            raise RuntimeError(
+                "multi-LoRA task ids left from a training batch would route this no-grad "
+                "(evaluation) forward: call MultiLoRA.prepare_batch(model, batch) with this "
+                "batch's task ids, or wrap it in MultiLoRA.task_context(model, task)"
+            )
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not self.pinned and not torch.is_grad_enabled():
+            self.set(None)
+
+
+def _write_adapter(directory: Path, tensors: dict[str, Tensor], config: dict[str, Any]) -> None:
+    """Write weights + config into a staging folder, then swap it in whole."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(tensors, staging / ADAPTER_WEIGHTS)
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            directory.rename(retired)
+            staging.rename(directory)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@dataclass
+class MultiLoRA(AdapterSpec):
+    """One LoRA per task; the batch's task ids pick each sample's adapter (train and eval).
+
+    Attributes:
+        num_tasks: number of task adapters; may be left out when ``task_names`` is given.
+        task_names: optional task names, in task-id order (``task_names[i]`` has id ``i``).
+        r: rank of every task adapter.
+        lora_alpha: every adapter's update is scaled by ``lora_alpha / r``.
+        dropout: dropout on the LoRA path's input, in [0, 1).
+        target_modules: names of the adapted linear layers of every decoder layer.
+        task_key: the batch key holding the task ids (a LongTensor [B]).
+    """
+
+    num_tasks: int | None = None
+    task_names: list[str] | None = None
+    r: int = 16
+    lora_alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    task_key: str = "task_id"
+
+    def __post_init__(self) -> None:
+        self.target_modules = list(self.target_modules)
+        if self.task_names is not None:
+            self.task_names = [str(name) for name in self.task_names]
+            if not self.task_names or len(set(self.task_names)) != len(self.task_names):
+                raise ValueError(
+                    f"task_names must be a non-empty list of distinct names, got {self.task_names}"
+                )
+            if self.num_tasks is not None and self.num_tasks != len(self.task_names):
+                raise ValueError(
+                    f"num_tasks={self.num_tasks} disagrees with the {len(self.task_names)} "
+                    f"task_names; give one of them or make them agree"
+                )
+            self.num_tasks = len(self.task_names)
+        if self.num_tasks is None:
+            raise ValueError("num_tasks is required (or give task_names): got neither")
+        if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
+            raise ValueError(f"num_tasks must be an integer >= 1, got {self.num_tasks!r}")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one linear layer, got []")
+
+    def task_index(self, name: str) -> int:
+        """The task id of ``name`` (needs ``task_names``)."""
+        if self.task_names is None or name not in self.task_names:
+            raise KeyError(f"unknown task {name!r}; known: {self.task_names}")
+        return self.task_names.index(name)
+
+    # ----------------------------------------------------------------- AdapterSpec
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Replace the target linears of every decoder layer by :class:`MultiLoRALinear`."""
+        if multi_lora_layers(model):
+            raise ValueError("the model already carries multi-LoRA layers; apply works once")
+        layers = decoder_layers(model)
+        targets = set(self.target_modules)
+        model.requires_grad_(False)
+        for layer in layers:
+            for name, module in list(layer.named_modules()):
+                if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+                    continue
+                parent_name, _, child = name.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                wrapped = MultiLoRALinear(
+                    module, self.num_tasks, self.r, self.lora_alpha, self.dropout
+                )
+                setattr(parent, child, wrapped)
+        if not multi_lora_layers(model):
+            raise ValueError(
+                f"none of target_modules={self.target_modules} is a linear layer of "
+                f"{type(layers[0]).__name__}"
+            )
+        object.__setattr__(model, ROUTING_ATTRIBUTE, TaskRouting(model))
+        return model
+
+    def prepare_batch(self, model: nn.Module, batch: Mapping[str, Tensor]) -> None:
+        """Give every layer the batch's task ids (checked: present, 1-D integers, in range)."""
+        if self.task_key not in batch:
+            raise KeyError(
+                f"the batch has no {self.task_key!r}: MultiLoRA picks each sample's adapter by "
+                f"its task id at training and evaluation (keys: {sorted(batch)})"
+            )
+        self.set_task_ids(model, batch[self.task_key])
+
+    def set_task_ids(
+        self, model: nn.Module, task_ids: Tensor | int | None, *, pinned: bool = False
+    ) -> None:
+        """Set (or, with ``None``, clear) the task ids every multi-LoRA layer uses.
+
+        ``task_ids``: [B] integers, or one int / 0-dim tensor for every sample of the batch.
+        Checked: integers in ``0..num_tasks-1`` (one host synchronisation per batch).
+        """
+        routing: TaskRouting | None = getattr(model, ROUTING_ATTRIBUTE, None)
+        if routing is None:
+            raise ValueError("the model carries no multi-LoRA layers: call MultiLoRA.apply first")
+        if task_ids is not None:
+            task_ids = torch.as_tensor(task_ids)
+            if task_ids.dim() > 1 or task_ids.is_floating_point() or task_ids.is_complex():
+                raise ValueError(
+                    f"task ids must be a 1-D integer tensor [B] or one integer, got dtype "
+                    f"{task_ids.dtype} and shape {tuple(task_ids.shape)}"
+                )
+            task_ids = task_ids.to(device=routing.layers[0].lora_A.device, dtype=torch.long)
+            if bool(((task_ids < 0) | (task_ids >= self.num_tasks)).any()):
+                raise ValueError(
+                    f"task ids must lie in 0..{self.num_tasks - 1}, got {task_ids.tolist()}"
+                )
+        routing.set(task_ids, pinned=pinned)
+
+    @contextmanager
+    def task_context(self, model: nn.Module, task: Tensor | int | str) -> Iterator[nn.Module]:
+        """Route every forward inside the block by ``task`` (a task id, a task name, or [B] ids),
+        e.g. around ``model.generate`` or a scoring loop that has no batch dict."""
+        if isinstance(task, str):
+            task = self.task_index(task)
+        self.set_task_ids(model, task, pinned=True)
+        try:
+            yield model
+        finally:
+            self.set_task_ids(model, None)
+
+    @contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
+        layers = [layer for _, layer in multi_lora_layers(model)]
+        previous = [layer.adapter_enabled for layer in layers]
+        for layer in layers:
+            layer.adapter_enabled = False
+        try:
+            yield model
+        finally:
+            for layer, enabled in zip(layers, previous, strict=True):
+                layer.adapter_enabled = enabled
+
+    def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
+        """``adapter_model.safetensors`` (every layer's stacked A and B) + ``adapter_config.json``."""
+        layers = multi_lora_layers(model)
+        if not layers:
+            raise ValueError("the model carries no multi-LoRA layers: call MultiLoRA.apply first")
+        tensors = {}
+        for name, layer in layers:
+            tensors[f"{name}.lora_A"] = layer.lora_A.detach().contiguous().cpu()
+            tensors[f"{name}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
+        directory = Path(directory)
+        _write_adapter(directory, tensors, {"method": METHOD, "config": dataclasses.asdict(self)})
+        return directory
+
+    def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+        """Load what :meth:`save` wrote (adapting ``model`` first if it has no multi-LoRA layers)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+        if not config_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(
+                f"expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} in {directory}"
+            )
+        description = json.loads(config_path.read_text())
+        if description.get("method") != METHOD:
+            raise ValueError(f"{config_path} is not a {METHOD} adapter")
+        saved_config = MultiLoRA(**description["config"])
+        for key in ("num_tasks", "r", "target_modules"):
+            if getattr(saved_config, key) != getattr(self, key):
+                raise ValueError(
+                    f"{config_path}: {key}={getattr(saved_config, key)!r} but this MultiLoRA has "
+                    f"{key}={getattr(self, key)!r}"
+                )
+        if not multi_lora_layers(model):
+            self.apply(model)
+        saved = load_file(weights_path)
+        current = {}
+        for name, layer in multi_lora_layers(model):
+            current[f"{name}.lora_A"] = layer.lora_A
+            current[f"{name}.lora_B"] = layer.lora_B
+        if set(saved) != set(current):
+            raise ValueError(
+                f"{weights_path} does not match the model: missing "
+                f"{sorted(set(current) - set(saved))[:5]}, unexpected "
+                f"{sorted(set(saved) - set(current))[:5]}"
+            )
+        with torch.no_grad():
+            for key, target in current.items():
+                if target.shape != saved[key].shape:
+                    raise ValueError(
+                        f"{weights_path}: {key} has shape {tuple(saved[key].shape)}, the model "
+                        f"expects {tuple(target.shape)}"
+                    )
+                target.copy_(saved[key])
+        return model

@@ -1,0 +1,86 @@
+"""One entry point from (examples, metric name) to a dict of scores."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from medmoe.eval.answers import exact_match_flexible, exact_match_strict
+from medmoe.eval.examples import GenerationExample, MultipleChoiceExample
+from medmoe.eval.fewshot import few_shot_prompt
+from medmoe.eval.generation import generate_greedy
+from medmoe.eval.multiple_choice import score_multiple_choice
+from medmoe.eval.rouge import rouge_l
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["METRICS", "evaluate_examples"]
+
+# metric name -> the example type it scores
+METRICS: dict[str, type] = {
+    "accuracy": MultipleChoiceExample,
+    "gsm8k": GenerationExample,
+    "rouge_l": GenerationExample,
+}
+
+
+def _check(examples: Sequence[object], metric: str) -> None:
+    if metric not in METRICS:
+        accepted = ", ".join(repr(name) for name in METRICS)
+        raise ValueError(f"unknown metric {metric!r}; accepted metrics: {accepted}")
+    expected = METRICS[metric]
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, expected):
+            raise TypeError(
+                f"metric {metric!r} scores {expected.__name__} examples, "
+                f"but example {i} is a {type(ex).__name__}"
+            )
+    if not examples:
+        raise ValueError(f"no examples to evaluate with metric {metric!r}")
+
+
+def evaluate_examples(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[MultipleChoiceExample] | Sequence[GenerationExample],
+    metric: str,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    shots: Sequence[tuple[str, str]] = (),
+    stop: Sequence[str] = ("\n\n",),
+    add_bos: bool = True,
+) -> dict[str, float]:
+    """Score ``examples`` with ``metric``, each prompt preceded by the few-shot ``shots``.
+
+    - ``"accuracy"`` (multiple choice) -> ``{"accuracy"}``;
+    - ``"gsm8k"`` (generation) -> ``{"exact_match_strict", "exact_match_flexible"}``;
+    - ``"rouge_l"`` (generation) -> ``{"rouge_l"}``.
+    """
+    _check(examples, metric)
+    examples = [
+        dataclasses.replace(ex, prompt=few_shot_prompt(shots, ex.prompt)) for ex in examples
+    ]
+    if metric == "accuracy":
+        result = score_multiple_choice(model, tokenizer, examples, batch_size, add_bos=add_bos)
+        return {"accuracy": result.accuracy}
+    predictions = generate_greedy(
+        model,
+        tokenizer,
+        [ex.prompt for ex in examples],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop=stop,
+        add_bos=add_bos,
+    )
+    references = [ex.reference for ex in examples]
+    if metric == "gsm8k":
+        return {
+            "exact_match_strict": exact_match_strict(predictions, references),
+            "exact_match_flexible": exact_match_flexible(predictions, references),
+        }
+    return {"rouge_l": rouge_l(predictions, references)}

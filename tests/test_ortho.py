@@ -1,0 +1,256 @@
+"""Ortho-LoRA: one-backward per-task gradients against per-task backward, and the projection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_llama
+from torch import nn
+
+from medmoe.adapters import MoELoRAConfig, apply_moe_lora, moe_lora_layers
+from medmoe.adapters.baselines import LoRA
+from medmoe.objectives.projection import (
+    OrthoLoRA,
+    pcgrad_coefficients,
+    project_task_gradients,
+    projection_orders,
+)
+from medmoe.objectives.task_gradients import lora_factors, per_task_gradients_reference
+
+NUM_TASKS = 3
+TASK_IDS = torch.tensor([0, 1, 2, 2, 0, 1])
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread avoids OpenMP stalls (bmm) on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+MOE = dict(allowed_ranks=[2, 4, 8], layer_ranges={"1-2": 2, "3-4": 3}, dropout=0.0)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(1, 96, (6, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0  # right padding
+    attention_mask[3, 7:] = 0
+    input_ids[attention_mask == 0] = 0
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # prompt tokens carry no loss
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _masked_lm_loss(model: nn.Module, batch: dict, task: int | None = None) -> torch.Tensor:
+    """Mean token loss of the batch; with ``task``, only that task's part (same denominator)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:].clone()  # [B, T-1]
+    count = (labels != -100).sum()
+    if task is not None:
+        labels[TASK_IDS.ne(task)] = -100
+    losses = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+    )
+    return losses / count
+
+
+def _perturb(model: nn.Module, seed: int = 3) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "router" in name:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.2)
+
+
+def _peft_model() -> nn.Module:
+    model = LoRA(r=4, dropout=0.0).apply(make_tiny_llama().double())
+    _perturb(model)
+    return model
+
+
+def _moe_model(**overrides) -> nn.Module:
+    model = make_tiny_llama().double()
+    apply_moe_lora(model, MoELoRAConfig(**{**MOE, **overrides}))
+    _perturb(model)
+    return model
+
+
+def _one_backward(model: nn.Module, ortho: OrthoLoRA, batch: dict) -> dict[str, torch.Tensor]:
+    with ortho.capture(TASK_IDS):
+        loss = _masked_lm_loss(model, batch)
+    loss.backward()
+    return ortho.per_task_gradients()
+
+
+@pytest.mark.parametrize(
+    "build", [_peft_model, _moe_model, lambda: _moe_model(top_k=2)], ids=["peft", "moe", "moe_top2"]
+)
+def test_one_backward_equals_per_task_backward(build):
+    model, batch = build(), _batch()
+    ortho = OrthoLoRA(model, NUM_TASKS)
+    got = _one_backward(model, ortho, batch)
+    expected = per_task_gradients_reference(
+        model, lambda task: _masked_lm_loss(model, batch, task), NUM_TASKS
+    )
+    assert got.keys() == expected.keys() and len(got) == len(lora_factors(model))
+    for name, grads in expected.items():
+        assert grads.abs().amax(dim=tuple(range(1, grads.dim()))).min() > 0, name  # B != 0
+        torch.testing.assert_close(got[name], grads, rtol=1e-10, atol=1e-13, msg=name)
+    # the per-task gradients decompose the ordinary gradient
+    params = dict(model.named_parameters())
+    for name, grads in got.items():
+        torch.testing.assert_close(grads.sum(0), params[name].grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", ["peft", "moe"])
+def test_dropout_in_training_is_captured(method):
+    model = (
+        LoRA(r=4, dropout=0.3).apply(make_tiny_llama().double())
+        if method == "peft"
+        else _moe_model(dropout=0.3)
+    )
+    _perturb(model)
+    model.train()
+    grads = _one_backward(model, OrthoLoRA(model, NUM_TASKS), _batch())
+    params = dict(model.named_parameters())
+    for name, value in grads.items():
+        torch.testing.assert_close(value.sum(0), params[name].grad, rtol=1e-10, atol=1e-13)
+
+
+def test_mixed_ranks_are_covered():
+    ranks = {layer.ranks for _, layer in moe_lora_layers(_moe_model())}
+    assert (2, 4) in ranks and (2, 4, 8) in ranks
+
+
+def test_samples_without_loss_contribute_exactly_zero():
+    model, batch = _peft_model(), _batch()
+    batch["labels"][TASK_IDS == 2] = -100  # task 2's samples: prompt/padding only
+    grads = _one_backward(model, OrthoLoRA(model, NUM_TASKS), batch)
+    for name, value in grads.items():
+        assert torch.count_nonzero(value[2]) == 0, name
+        assert torch.count_nonzero(value[0]) > 0, name
+
+
+def test_capture_checks_task_ids_and_batch_size():
+    model, batch = _peft_model(), _batch()
+    ortho = OrthoLoRA(model, NUM_TASKS)
+    with pytest.raises(ValueError, match="0..2"):
+        ortho.set_task_ids(torch.tensor([0, 3, 1, 1, 0, 0]))
+    with pytest.raises(ValueError, match="batch dimension"), ortho.capture(TASK_IDS[:4]):
+        _masked_lm_loss(model, batch)
+    with pytest.raises(RuntimeError, match="capture"):
+        ortho.project()  # nothing captured
+
+
+# ----------------------------------------------------------------- the projection rule
+def test_hand_computed_two_tasks_in_2d():
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    # <g1, g2> = -1: g1' = g1 - (-1 / 2) g2 = (0.5, 0.5); g2' = g2 - (-1 / 1) g1 = (0, 1)
+    projected = project_task_gradients(g)
+    torch.testing.assert_close(projected, torch.tensor([[0.5, 0.5], [0.0, 1.0]], dtype=g.dtype))
+    assert projected[0] @ g[1] == 0 and projected[1] @ g[0] == 0
+
+
+def test_non_conflicting_gradients_are_untouched_exactly():
+    generator = torch.Generator().manual_seed(0)
+    g = torch.rand(3, 5, 7, generator=generator)  # all entries positive: no conflict
+    assert torch.equal(project_task_gradients(g, order="shuffle", generator=generator), g)
+
+
+def test_conflicting_pair_becomes_orthogonal_to_the_original():
+    generator = torch.Generator().manual_seed(1)
+    g = torch.randn(2, 40, generator=generator, dtype=torch.float64)
+    g[1] = -g[0] + 0.5 * torch.randn(40, generator=generator, dtype=torch.float64)
+    assert g[0] @ g[1] < 0
+    projected = project_task_gradients(g)
+    torch.testing.assert_close(projected[0] @ g[1], torch.tensor(0.0, dtype=g.dtype))
+    torch.testing.assert_close(projected[1] @ g[0], torch.tensor(0.0, dtype=g.dtype))
+
+
+def test_sequential_rule_with_three_tasks_by_hand():
+    # g0 conflicts with g1 and g2; fixed order: g0 is projected on g1, then on g2.
+    g = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.0], [0.0, -1.0, 1.0]], dtype=torch.float64)
+    projected = project_task_gradients(g, order="fixed")
+    # g0' = g0 + 0.5 g1 = (0.5, 0.5, 0); <g0', g2> = -0.5 -> g0'' = g0' + 0.25 g2
+    torch.testing.assert_close(projected[0], torch.tensor([0.5, 0.25, 0.25], dtype=g.dtype))
+    # g1 vs g0: -1 -> g1' = g1 + g0 = (0, 1, 0); <g1', g2> = -1 -> g1'' = g1' + 0.5 g2
+    torch.testing.assert_close(projected[1], torch.tensor([0.0, 0.5, 0.5], dtype=g.dtype))
+    # g2 vs g0: 0; vs g1: -1 -> g2' = g2 + 0.5 g1 = (-0.5, -0.5, 1)
+    torch.testing.assert_close(projected[2], torch.tensor([-0.5, -0.5, 1.0], dtype=g.dtype))
+
+
+def test_shuffled_orders_are_seeded():
+    def orders(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.stack([projection_orders(4, "shuffle", generator) for _ in range(5)])
+
+    assert torch.equal(orders(0), orders(0))
+    assert not torch.equal(orders(0), orders(1))
+    fixed = projection_orders(3)
+    assert fixed.tolist() == [[1, 2], [0, 2], [0, 1]]
+    assert torch.equal(orders(0).sort(dim=-1).values[0], projection_orders(4))
+
+
+def test_zero_gradients_never_conflict():
+    gram = torch.zeros(1, 3, 3)
+    assert torch.equal(pcgrad_coefficients(gram, projection_orders(3)), torch.eye(3)[None])
+
+
+def test_project_rewrites_only_conflicting_factors():
+    model, batch = _peft_model(), _batch()
+    ortho = OrthoLoRA(model, 2, order="fixed")
+    task_ids = (TASK_IDS > 0).long()  # two tasks
+    with ortho.capture(task_ids):
+        loss = _masked_lm_loss(model, batch)
+    loss.backward()
+    per_task = ortho.per_task_gradients()
+    params = dict(model.named_parameters())
+    before = {name: params[name].grad.clone() for name in per_task}
+    report = ortho.project()
+    conflicting = 0
+    for name, (g0, g1) in per_task.items():
+        after = params[name].grad
+        dot = (g0 * g1).sum()
+        if dot >= 0:
+            assert torch.equal(after, before[name]), name
+            continue
+        conflicting += 1
+        p0 = g0 - dot / (g1 * g1).sum() * g1
+        p1 = g1 - dot / (g0 * g0).sum() * g0
+        torch.testing.assert_close(after, p0 + p1, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close((p0 * g1).sum(), torch.zeros((), dtype=g0.dtype))
+    assert 0 < conflicting < len(per_task)
+    assert report.conflicts[:, 0, 1].sum() == conflicting
+    assert all(torch.count_nonzero(g) == 0 for g in ortho.per_task_gradients().values())
+
+
+def test_accumulated_micro_batches_are_projected_together():
+    model, batch = _peft_model(), _batch()
+    ortho = OrthoLoRA(model, NUM_TASKS)
+    for half in (slice(0, 3), slice(3, 6)):
+        part = {k: v[half] for k, v in batch.items()}
+        with ortho.capture(TASK_IDS[half]):
+            logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"])
+        labels = part["labels"][:, 1:]
+        F.cross_entropy(logits.logits[:, :-1].reshape(-1, 96), labels.reshape(-1)).backward()
+    accumulated = ortho.per_task_gradients()
+    params = dict(model.named_parameters())
+    for name, grads in accumulated.items():
+        torch.testing.assert_close(grads.sum(0), params[name].grad)
+    ortho.project()
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"num_tasks": 1}, "num_tasks"), ({"num_tasks": 3, "order": "random"}, "order")],
+)
+def test_bad_ortho_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        OrthoLoRA(_peft_model(), **kwargs)
