@@ -118,3 +118,49 @@ def test_bad_layer_arguments():
         MoELoRALinear(nn.Linear(4, 4), (2, 2), tau_init=20.0)
     with pytest.raises(TypeError, match="nn.Linear"):
         MoELoRALinear(nn.Conv1d(4, 4, 1), (2,))
+
+
+def test_fused_router_path_matches_the_separate_one():
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(24, 20), (2, 4, 8), dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 24, requires_grad=True)
+    assert layer._can_fuse_router(x, layer.dropout(x))
+    fused = layer(x)
+    grads = torch.autograd.grad(fused.square().sum(), [x, layer.lora_A, layer.router.weight])
+    x64 = x.detach().double().requires_grad_()
+    layer64 = layer.double()
+    reference = layer64(x64)  # float64 takes the separate path
+    ref_grads = torch.autograd.grad(
+        reference.square().sum(), [x64, layer64.lora_A, layer64.router.weight]
+    )
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_router_runs_in_float32_and_gets_the_same_gradient():
+    torch.manual_seed(0)
+    layer = MoELoRALinear(nn.Linear(16, 16, dtype=torch.bfloat16), (4, 4))
+    x = torch.randn(6, 16, dtype=torch.bfloat16, requires_grad=True)
+    probs = layer.router_probs(x)
+    grad_x, grad_w = torch.autograd.grad(probs[:, 0].sum(), [x, layer.router.weight])
+    # reference: plain autograd through an explicit float32 cast
+    x_ref = x.detach().requires_grad_()
+    logits = torch.nn.functional.linear(x_ref.float(), layer.router.weight)
+    ref = torch.softmax(logits / layer.tau, dim=-1)
+    ref_x, ref_w = torch.autograd.grad(ref[:, 0].sum(), [x_ref, layer.router.weight])
+    assert probs.dtype == torch.float32 and grad_x.dtype == torch.bfloat16
+    torch.testing.assert_close(probs, ref)
+    torch.testing.assert_close(grad_x, ref_x)
+    torch.testing.assert_close(grad_w, ref_w)
+
+
+def test_router_stays_float32_under_autocast():
+    layer = MoELoRALinear(nn.Linear(16, 16), (4, 4), dropout=0.0)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert layer.last_probs.dtype == torch.float32
+    torch.testing.assert_close(layer.last_probs, layer.router_probs(x))

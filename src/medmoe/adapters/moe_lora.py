@@ -10,6 +10,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _Float32Linear(torch.autograd.Function):
+    """``F.linear(x, weight)`` computed in float32 that saves ``x`` in its own dtype.
+
+    Autograd of ``F.linear(x.float(), w)`` would keep a float32 copy of a half-precision ``x``
+    for the backward of every router; this keeps the tensor the expert path saves anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight.float()).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            # [..., N] x [..., d_in] summed over all leading dims -> [N, d_in]
+            grad_weight = grad.flatten(0, -2).T @ x.flatten(0, -2).float()
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_weight
+
+
 class MoELoRALinear(nn.Module):
     """``h = W0 x + sum_i g_i(x) * (alpha_i / r_i) * B_i A_i x`` with ``g = softmax(W_g x / tau)``.
 
@@ -108,6 +133,7 @@ class MoELoRALinear(nn.Module):
             persistent=False,
         )
         self.scales = tuple(float(s) for s in scales)
+        self.total_rank = total_rank
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
@@ -133,11 +159,18 @@ class MoELoRALinear(nn.Module):
     def router_probs(self, x: Tensor) -> Tensor:
         """``softmax(W_g x / tau)`` before any top-k (eq 3): [..., N].
 
-        Computed in float32 for half-precision models (float64 stays float64).
+        Computed in float32 for half-precision models and under autocast (float64 stays
+        float64).
         """
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
-        return torch.softmax(logits / self.tau.to(dtype), dim=-1)
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dtype in (torch.float32, torch.float64):
+                logits = F.linear(x, self.router.weight.to(x.dtype))
+            else:
+                logits = _Float32Linear.apply(x, self.router.weight)
+            return self._softmax(logits)
+
+    def _softmax(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits / self.tau.to(logits.dtype), dim=-1)
 
     def gates_from_probs(self, probs: Tensor) -> Tensor:
         """Apply top-k (keep the k largest, renormalise) if configured: [..., N] -> [..., N]."""
@@ -182,14 +215,29 @@ class MoELoRALinear(nn.Module):
         out = self.base(x)
         if not self.adapter_enabled:
             return out
-        probs = self.router_probs(x)  # [..., N]
+        expert_input = self.dropout(x)
+        if self._can_fuse_router(x, expert_input):
+            # Router and A read the same float32 x: one matmul for both, [..., sum r + N]
+            fused = F.linear(x, torch.cat([self.lora_A, self.router.weight]))
+            hidden, logits = fused.split([self.total_rank, self.num_experts], dim=-1)
+            probs = self._softmax(logits)
+        else:
+            hidden = F.linear(expert_input, self.lora_A)  # [..., sum r]
+            probs = self.router_probs(x)  # [..., N]
         if self.record_routing:
             self._last_probs = probs
         gates = self.gates_from_probs(probs)
         # Expand each expert's gate over its rank slots, scaled by alpha_i / r_i: [..., sum r]
         slot_weights = gates.index_select(-1, self.slot_expert) * self.slot_scale
-        hidden = F.linear(self.dropout(x), self.lora_A)  # [..., sum r]
         return out + F.linear(hidden * slot_weights.to(hidden.dtype), self.lora_B)
+
+    def _can_fuse_router(self, x: Tensor, expert_input: Tensor) -> bool:
+        return (
+            expert_input is x  # no dropout on the expert path
+            and x.dtype == torch.float32
+            and self.lora_A.dtype == self.router.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def extra_repr(self) -> str:
         routing = "soft" if self.top_k is None else f"top-{self.top_k}"

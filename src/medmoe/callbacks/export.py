@@ -1,0 +1,33 @@
+"""AdapterExport: the trained adapter as its own small files beside the run's logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+__all__ = ["AdapterExport"]
+
+
+class AdapterExport(Callback):
+    """Writes ``adapter.save(model, <dirpath>)`` at the end of training (rank zero).
+
+    For MoE-LoRA that is ``adapter_model.safetensors`` + ``adapter_config.json``; for peft
+    LoRA peft's own files. The write is atomic: a failed export never replaces a good one.
+
+    Args:
+        dirpath: where to write; ``None`` = ``<trainer.log_dir>/adapter``.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.saved_to: Path | None = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        root = trainer.log_dir or trainer.default_root_dir
+        target = Path(self.dirpath) if self.dirpath else Path(root) / "adapter"
+        self.saved_to = pl_module.adapter.save(pl_module.model, target)
+        rank_zero_info(f"adapter saved to {self.saved_to}")

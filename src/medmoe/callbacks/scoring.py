@@ -1,0 +1,181 @@
+"""The scorer the evaluation callbacks share: a task's fixed subset through ``evaluate_examples``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from medmoe.adapters import moe_lora_layers
+from medmoe.eval import GenerationExample, MultipleChoiceExample, evaluate_examples
+
+__all__ = ["PRIMARY_METRIC", "EvalClock", "TaskScorer", "task_metric"]
+
+# The number a table or a delta reports for each metric family.
+PRIMARY_METRIC: dict[str, str] = {
+    "accuracy": "accuracy",
+    "gsm8k": "exact_match_strict",
+    "rouge_l": "rouge_l",
+}
+
+
+def task_metric(task: str) -> str:
+    """The metric family (``accuracy``, ``gsm8k``, ``rouge_l``) of a registered task."""
+    from medmoe.data import get_task
+
+    return get_task(task).metric
+
+
+def _shot_pair(example: MultipleChoiceExample | GenerationExample) -> tuple[str, str]:
+    if isinstance(example, MultipleChoiceExample):
+        return example.prompt, example.choices[example.answer]
+    return example.prompt, example.reference
+
+
+@contextmanager
+def _routing_recording_paused(model: nn.Module) -> Iterator[None]:
+    """Evaluation forwards leave the training step's recorded routing in place."""
+    layers = [layer for _, layer in moe_lora_layers(model)]
+    previous = [layer.record_routing for layer in layers]
+    for layer in layers:
+        layer.record_routing = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, previous, strict=True):
+            layer.record_routing = flag
+
+
+def _task_routing(
+    trainer: Trainer, pl_module: LightningModule, task: str
+) -> AbstractContextManager[object]:
+    """Route by ``task`` for adapters that pick an adapter per task (``task_context``, e.g.
+    multi-LoRA), with the task id the model was trained with; a no-op for the others."""
+    context = getattr(pl_module.adapter, "task_context", None)
+    if context is None:
+        return nullcontext()
+    names = list(getattr(pl_module, "task_names", None) or trainer.datamodule.task_names)
+    if task not in names:
+        raise ValueError(f"{type(pl_module.adapter).__name__} has no adapter for task {task!r}")
+    return context(pl_module.model, names.index(task))
+
+
+@dataclass
+class TaskScorer:
+    """Scores tasks of the trainer's datamodule on their fixed evaluation subsets.
+
+    The datamodule provides ``task_names``, ``tokenizer`` and
+    ``eval_examples(task, split, limit)``; the task's metric comes from the task registry.
+    Methods with one adapter per task (an adapter with ``task_context``) score each task with
+    its own adapter.
+    Few-shot demonstrations are the first ``shots`` examples of ``shot_split``'s fixed subset.
+    Examples are fetched once per (datamodule, task, split). Every rank scores the same examples (safe
+    under any strategy); loggers write on rank zero.
+    """
+
+    split: str = "validation"
+    limit: int | None = 64
+    batch_size: int = 16
+    max_new_tokens: int = 128
+    shots: int = 0
+    shot_split: str = "train"
+    _examples: dict[tuple[int, str, str, int | None], list[Any]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def present(
+        self, trainer: Trainer, tasks: Sequence[str], owner: str, warn: bool = True
+    ) -> list[str]:
+        """The ``tasks`` the datamodule has; a warning names the others (if ``warn``)."""
+        datamodule = trainer.datamodule
+        for attribute in ("task_names", "tokenizer", "eval_examples"):
+            if not hasattr(datamodule, attribute):
+                raise TypeError(
+                    f"{owner} needs a datamodule with {attribute!r} (a MultiTaskDataModule); "
+                    f"got {type(datamodule).__name__}"
+                )
+        known = set(datamodule.task_names)
+        missing = [t for t in tasks if t not in known]
+        if missing and warn:
+            rank_zero_warn(
+                f"{owner}: task(s) {missing} are not in the datamodule ({sorted(known)}); skipped"
+            )
+        return [t for t in tasks if t in known]
+
+    def _fetch(self, trainer: Trainer, task: str, split: str, limit: int | None) -> list[Any]:
+        key = (id(trainer.datamodule), task, split, limit)
+        if key not in self._examples:
+            examples = trainer.datamodule.eval_examples(task, split=split, limit=limit)
+            self._examples[key] = list(examples)
+        return self._examples[key]
+
+    def score(
+        self, trainer: Trainer, pl_module: LightningModule, task: str, *, base: bool = False
+    ) -> dict[str, float]:
+        """``{metric: value}`` of ``task``; with ``base``, the model with its adapter off.
+
+        Raises NotImplementedError when ``base`` is asked of a method that cannot switch its
+        adapter off (full fine-tuning).
+        """
+        metric = task_metric(task)
+        examples = self._fetch(trainer, task, self.split, self.limit)
+        shots = (
+            [_shot_pair(ex) for ex in self._fetch(trainer, task, self.shot_split, self.shots)]
+            if self.shots > 0
+            else []
+        )
+        model = pl_module.model
+        kwargs = {
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "shots": shots,
+        }
+        tokenizer = trainer.datamodule.tokenizer
+        # The training numerics (autocast under mixed precision), the task's adapter where the
+        # method has one per task, and the training step's recorded routing left in place.
+        with (
+            trainer.precision_plugin.forward_context(),
+            _task_routing(trainer, pl_module, task),
+            _routing_recording_paused(model),
+        ):
+            if base:
+                with pl_module.adapter.disabled(model):
+                    return evaluate_examples(model, tokenizer, examples, metric, **kwargs)
+            return evaluate_examples(model, tokenizer, examples, metric, **kwargs)
+
+    def primary(self, task: str, scores: dict[str, float]) -> float:
+        """The headline number of ``scores`` (accuracy, GSM8K strict match, ROUGE-L)."""
+        return scores[PRIMARY_METRIC[task_metric(task)]]
+
+
+class EvalClock:
+    """Wall time spent in evaluation, cumulative, and its share of the time since fit start."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._origin: float | None = None
+
+    def start(self) -> None:
+        if self._origin is None:
+            self._origin = time.perf_counter()
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        self.start()
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - began
+
+    def fraction(self) -> float:
+        """Evaluation seconds over wall seconds since :meth:`start` (0 before any)."""
+        if self._origin is None:
+            return 0.0
+        return self.seconds / max(time.perf_counter() - self._origin, 1e-9)

@@ -1,0 +1,336 @@
+"""The multi-task DataModule: domain tasks plus general replay, as tokenised batches.
+
+Batches are dicts of ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` [B, T]
+(``-100`` on prompt and padding; the target and its eos are learned), ``task_id`` [B] (an index
+into :attr:`MultiTaskDataModule.task_names`) and ``is_general`` [B] (the sample is general
+replay). Training reads a deterministic stream (:mod:`medmoe.data.stream`) that resumes
+exactly from a checkpoint; validation is one loader over every task's fixed validation
+subset, so per-task losses can be split by ``task_id``.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from medmoe.data.collate import Sample, collate, encode_pairs
+from medmoe.data.sources import Record, load_records
+from medmoe.data.stream import Mixture, Sampling, StreamLoader, TrainStream, mixture_weights
+from medmoe.data.tasks import GenerationExample, MultipleChoiceExample, Task, get_task
+from medmoe.data.tokenizers import load_tokenizer
+
+SUBSET_SEED = 0  # fixes every max_train / max_eval / limit subset, whatever the run's seed
+
+
+@dataclass
+class TaskConfig:
+    """One task of the mixture.
+
+    Args:
+        name: a registered task (``pubmedqa``, ``medqa``, ``clinical_sum``, ``mmlu``, ``gsm8k``).
+        source: ``"toy"``, a hub id, or a local file/directory; ``None`` = the task's hub id.
+        split: the training split; ``None`` = the task's (``train``; ``auxiliary_train`` for MMLU).
+        eval_split: the validation split; ``None`` = ``validation`` (carved where missing).
+        eval_source: where ``eval_split`` comes from; ``None`` = ``source``.
+        max_train: keep this many training records (a fixed subset); ``None`` = all.
+        max_eval: keep this many validation (and test) records, a fixed subset; ``None`` = all.
+        weight: mixture weight multiplier (the weight itself with ``sampling: fixed``); 1.0.
+        field_map: renames upstream fields to the task's schema, e.g. ``{"note": "text"}``.
+    """
+
+    name: str
+    source: str | None = None
+    split: str | None = None
+    eval_split: str | None = None
+    eval_source: str | None = None
+    max_train: int | None = None
+    max_eval: int | None = None
+    weight: float | None = None
+    field_map: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        get_task(self.name)  # ValueError listing the known tasks
+        for name in ("max_train", "max_eval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{self.name}: {name} must be >= 1 or None, got {value}")
+        if self.weight is not None and self.weight < 0:
+            raise ValueError(f"{self.name}: weight must be >= 0, got {self.weight}")
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.name)
+
+
+def _as_config(entry: TaskConfig | dict[str, Any] | str) -> TaskConfig:
+    if isinstance(entry, TaskConfig):
+        return entry
+    if isinstance(entry, str):
+        return TaskConfig(name=entry)
+    return TaskConfig(**entry)
+
+
+def _subset(records: list[Record], limit: int | None) -> list[Record]:
+    """A fixed pseudo-random subset (the same for every call and every run)."""
+    order = list(range(len(records)))
+    random.Random(SUBSET_SEED).shuffle(order)
+    return [records[i] for i in order[:limit]]
+
+
+TOY_DOMAIN = [TaskConfig(n, source="toy") for n in ("medqa", "pubmedqa", "clinical_sum")]
+TOY_REPLAY = [TaskConfig(n, source="toy") for n in ("mmlu", "gsm8k")]
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Domain tasks and general replay tasks mixed into one training stream.
+
+    Args:
+        tasks: the domain tasks; ``None`` = the toy clinic's medqa, pubmedqa and clinical_sum.
+        replay: the general replay tasks (``is_general`` is true for their samples);
+            ``None`` = the toy clinic's mmlu and gsm8k; ``[]`` = no replay.
+        replay_ratio: fraction of training samples drawn from the replay tasks.
+        sampling: how tasks are weighted within a group: ``size`` (p ∝ n), ``fixed``
+            (p ∝ weight) or ``temperature`` (p ∝ n^(1/T)); weights multiply in every mode.
+        sampling_temperature: T of ``temperature`` sampling.
+        tokenizer: ``toy``, ``byte``, a local directory or a hub id.
+        max_length: longest sample in tokens; longer prompts lose tokens from the left.
+        batch_size: training batch size per device.
+        eval_batch_size: validation batch size; ``None`` = ``batch_size``.
+        num_workers: DataLoader workers.
+        seed: seed of the training stream (sample k is a function of seed and k).
+        epoch_samples: training samples per epoch per device; ``None`` = all of
+            ``trainer.max_steps`` in one epoch, or one pass over the domain records
+            (scaled up by the replay share) when ``max_steps`` is unset.
+    """
+
+    def __init__(
+        self,
+        tasks: list[TaskConfig] | None = None,
+        replay: list[TaskConfig] | None = None,
+        replay_ratio: float = 0.2,
+        sampling: Sampling = "size",
+        sampling_temperature: float = 2.0,
+        tokenizer: str = "toy",
+        max_length: int = 64,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        epoch_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tasks = [_as_config(t) for t in (TOY_DOMAIN if tasks is None else tasks)]
+        self.replay = [_as_config(t) for t in (TOY_REPLAY if replay is None else replay)]
+        names = [t.name for t in self.tasks + self.replay]
+        if not names:
+            raise ValueError("no tasks: give at least one domain or replay task")
+        if len(set(names)) != len(names):
+            raise ValueError(f"each task may appear once across tasks and replay, got {names}")
+        if not 0.0 <= replay_ratio <= 1.0:
+            raise ValueError(f"replay_ratio must be in [0, 1], got {replay_ratio}")
+        mixture_weights([1], [1.0], sampling, sampling_temperature)  # validates the mode
+        if min(max_length, batch_size, eval_batch_size or 1) < 1 or num_workers < 0:
+            raise ValueError("max_length, batch sizes must be >= 1 and num_workers >= 0")
+        self.replay_ratio = replay_ratio
+        self.sampling: Sampling = sampling
+        self.sampling_temperature = sampling_temperature
+        self.tokenizer_name = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.epoch_samples = epoch_samples
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._records: dict[tuple[str, str], list[Record]] = {}
+        self._train: list[list[tuple[list[int], list[int]]]] | None = None
+        self._eval: dict[str, list[Sample]] = {}
+
+    # --- names and tokenizer ------------------------------------------------------------------
+
+    @property
+    def configs(self) -> list[TaskConfig]:
+        """Domain task configs, then replay task configs (the order of task ids)."""
+        return self.tasks + self.replay
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names indexed by ``task_id``: domain tasks first, then replay tasks."""
+        return [c.name for c in self.configs]
+
+    @property
+    def task_groups(self) -> list[str]:
+        """``"domain"`` or ``"general"`` (replay) per task id."""
+        return ["domain"] * len(self.tasks) + ["general"] * len(self.replay)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (``len(tokenizer)``, added tokens included)."""
+        return len(self.tokenizer)
+
+    def task_id(self, name: str) -> int:
+        if name not in self.task_names:
+            raise ValueError(f"task {name!r} is not in this DataModule; it has {self.task_names}")
+        return self.task_names.index(name)
+
+    # --- records ------------------------------------------------------------------------------
+
+    def records(self, name: str, split: str | None = None) -> list[Record]:
+        """All records of task ``name``'s ``split`` (default: its eval split), loaded once."""
+        cfg = self.configs[self.task_id(name)]
+        split = split or cfg.eval_split or cfg.task.eval_split
+        train_split = cfg.split or cfg.task.train_split
+        source = cfg.source if split == train_split else (cfg.eval_source or cfg.source)
+        if (name, split) not in self._records:
+            self._records[name, split] = load_records(cfg.task, source, split, cfg.field_map)
+        return self._records[name, split]
+
+    def _encode(self, name: str, records: list[Record]) -> list[tuple[list[int], list[int]]]:
+        task = get_task(name)
+        pairs = [task.format(r) for r in records]
+        return encode_pairs(self.tokenizer, pairs, self.max_length, name)
+
+    def _eval_samples(self, test: bool = False) -> list[Sample]:
+        key = "test" if test else "validation"
+        if key not in self._eval:
+            samples = []
+            for task_id, cfg in enumerate(self.configs):
+                split = cfg.task.test_split if test else cfg.eval_split
+                records = _subset(self.records(cfg.name, split), cfg.max_eval)
+                general = self.task_groups[task_id] == "general"
+                for ids, labels in self._encode(cfg.name, records):
+                    samples.append(Sample(ids, labels, task_id, general))
+            self._eval[key] = samples
+        return self._eval[key]
+
+    def eval_examples(
+        self, task_name: str, split: str | None = None, limit: int | None = None
+    ) -> list[MultipleChoiceExample | GenerationExample]:
+        """Scorer examples over a fixed subset of ``split`` (default: the task's eval split).
+
+        The subset is the same on every call: the first ``limit`` (default: ``max_eval``) of a
+        fixed shuffle, so a larger limit extends a smaller one.
+        """
+        cfg = self.configs[self.task_id(task_name)]
+        records = _subset(self.records(task_name, split), limit or cfg.max_eval)
+        return [cfg.task.eval_example(r) for r in records]
+
+    # --- Lightning hooks ----------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self._train is None:
+            self._train = []
+            for cfg in self.configs:
+                records = self.records(cfg.name, cfg.split or cfg.task.train_split)
+                if cfg.max_train is not None:
+                    records = _subset(records, cfg.max_train)
+                if not records:
+                    raise ValueError(f"task {cfg.name!r} has no training records")
+                self._train.append(self._encode(cfg.name, records))
+        if stage in (None, "fit", "validate"):
+            self._eval_samples()
+
+    def mixture(self) -> Mixture:
+        """The training mixture (needs :meth:`setup` for ``fit``)."""
+        if self._train is None:
+            self.setup("fit")
+        assert self._train is not None
+        sizes = [len(s) for s in self._train]
+
+        def group(ids: range) -> tuple[tuple[int, int, float], ...]:
+            if not ids:
+                return ()
+            weights = [
+                1.0 if self.configs[i].weight is None else self.configs[i].weight for i in ids
+            ]
+            probs = mixture_weights(
+                [sizes[i] for i in ids], weights, self.sampling, self.sampling_temperature
+            )
+            return tuple((i, sizes[i], p) for i, p in zip(ids, probs, strict=True))
+
+        n = len(self.tasks)
+        return Mixture(group(range(n)), group(range(n, len(sizes))), self.replay_ratio, self.seed)
+
+    def _trainer_value(self, name: str, default: Any) -> Any:
+        trainer = self.trainer
+        return default if trainer is None else getattr(trainer, name)
+
+    def stream_position(self) -> int:
+        """This rank's next stream position: ``global_step * accumulate_grad_batches * B``."""
+        step = self._trainer_value("global_step", 0)
+        return step * self._trainer_value("accumulate_grad_batches", 1) * self.batch_size
+
+    def _epoch_batches(self) -> int:
+        accumulate = self._trainer_value("accumulate_grad_batches", 1)
+        world = self._trainer_value("world_size", 1)
+        max_steps = self._trainer_value("max_steps", -1)
+        if self.epoch_samples is not None:
+            samples = self.epoch_samples
+        elif max_steps is not None and max_steps > 0:
+            samples = max_steps * accumulate * self.batch_size
+        else:
+            assert self._train is not None
+            domain = sum(len(s) for s in self._train[: len(self.tasks)])
+            mix = self.mixture()
+            share = 1 - mix.effective_replay_ratio
+            total = domain / share if share > 0 else sum(len(s) for s in self._train)
+            samples = -(-int(total) // world)
+        batches = -(-samples // self.batch_size)
+        return -(-batches // accumulate) * accumulate  # whole optimizer steps per epoch
+
+    def train_dataloader(self) -> StreamLoader:
+        """The training stream, starting where ``trainer.global_step`` says (resume-exact)."""
+        mixture = self.mixture()
+        assert self._train is not None
+        stream = TrainStream(
+            self._train,
+            mixture,
+            self.batch_size,
+            self._epoch_batches(),
+            self.tokenizer.pad_token_id,
+            rank=self._trainer_value("global_rank", 0),
+            world_size=self._trainer_value("world_size", 1),
+        )
+        return StreamLoader(stream, self.stream_position, num_workers=self.num_workers)
+
+    def _eval_loader(self, samples: list[Sample]) -> DataLoader:
+        return DataLoader(
+            samples,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """One loader over every task's fixed validation subset, in task-id order."""
+        return self._eval_loader(self._eval_samples())
+
+    def test_dataloader(self) -> DataLoader:
+        """Like :meth:`val_dataloader` over every task's test split."""
+        return self._eval_loader(self._eval_samples(test=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task_names": self.task_names, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("task_names") != self.task_names or state_dict.get("seed") != self.seed:
+            warnings.warn(
+                f"resuming with tasks {self.task_names} / seed {self.seed}, but the checkpoint "
+                f"was written with {state_dict.get('task_names')} / seed {state_dict.get('seed')}; "
+                "the training stream will not continue the original one",
+                stacklevel=2,
+            )

@@ -1,0 +1,309 @@
+"""Experiment grids: a base config, named methods (lists of config fragments), seeds, overrides.
+
+A grid is a YAML file (see ``configs/experiments/``)::
+
+    name: toy_full                       # optional; default: the file's stem
+    base: configs/demo.yaml              # a path or a list of paths, the first --config(s)
+    seeds: [0, 1, 2]
+    overrides:                           # dotted CLI keys for every run (and the base model)
+      trainer.max_steps: 300
+    eval:                                # how trained runs are scored (EvalSettings)
+      split: test
+      limit: 200
+    table3: {lower: "Lower Layers (L1-2)", higher: "Higher Layers (L3-4)"}
+    methods:
+      - name: lora                       # [A-Za-z0-9_.-], the run directory's name
+        label: Standard LoRA (r = 16)    # row label in the tables; default: name
+        configs: [configs/baselines/lora.yaml]   # fragments after base; [] = base as is
+        overrides: {}                    # dotted keys for this method only
+        tables: [1, 2, 4]                # the paper tables the method appears in
+        allocation: {lower: "N = 4", higher: "N = 4"}  # Table 3 cells (with 3 in tables)
+    quick:                               # --quick: a tiny version for tests and smoke runs
+      methods: [lora, med_moe_lora]
+      seeds: [0]
+      overrides: {trainer.max_steps: 3}
+      eval: {limit: 4}
+
+Relative paths resolve against the current directory first, then against the grid file's
+folder and each of its parents, so a grid under ``configs/experiments/`` finds
+``configs/demo.yaml`` from the repository root or from anywhere inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "BASE_RUN",
+    "EvalSettings",
+    "Grid",
+    "GridError",
+    "Method",
+    "cli_override",
+    "load_grid",
+]
+
+BASE_RUN = "base"  # reserved name: the base model's own scores
+PAPER_TABLES = (1, 2, 3, 4)
+DEFAULT_TABLES = (1, 2, 4)
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_GRID_KEYS = {"name", "description", "base", "seeds", "overrides", "eval", "table3", "methods"}
+_GRID_KEYS |= {"quick"}
+_METHOD_KEYS = {"name", "label", "configs", "overrides", "tables", "allocation"}
+_QUICK_KEYS = {"methods", "seeds", "overrides", "eval"}
+
+
+class GridError(ValueError):
+    """A grid file that cannot be run: unknown keys, bad values, unknown method names."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How each trained run (and the base model) is scored, through
+    :class:`medmoe.callbacks.scoring.TaskScorer` (the evaluation callbacks' scorer).
+
+    Attributes:
+        split: the split whose fixed subset is scored (the paper's tables: ``test``).
+        limit: examples per task (the first ``limit`` of a fixed shuffle); ``None`` = all.
+        batch_size: evaluation batch size.
+        max_new_tokens: generation budget (GSM8K, Clinical-Sum).
+        shots: few-shot demonstrations from the training split's fixed subset.
+        tasks: tasks scored; those the data lacks are skipped.
+    """
+
+    split: str = "test"
+    limit: int | None = 200
+    batch_size: int = 64
+    max_new_tokens: int = 32
+    shots: int = 0
+    tasks: tuple[str, ...] = ("pubmedqa", "medqa", "clinical_sum", "mmlu", "gsm8k")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
+        if self.limit is not None and self.limit < 1:
+            raise GridError(f"eval.limit must be >= 1 or null, got {self.limit}")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.shots < 0:
+            raise GridError(
+                "eval.batch_size and eval.max_new_tokens must be >= 1 and eval.shots >= 0, got "
+                f"{self.batch_size}, {self.max_new_tokens}, {self.shots}"
+            )
+
+    def replace(self, values: Mapping[str, Any]) -> EvalSettings:
+        known = {f.name for f in dataclasses.fields(self)}
+        _check_keys(values, known, "eval")
+        return dataclasses.replace(self, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["tasks"] = list(self.tasks)
+        return values
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the grid: a name, its config fragments and where it is reported."""
+
+    name: str
+    label: str
+    configs: tuple[Path, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    tables: tuple[int, ...] = DEFAULT_TABLES
+    allocation: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid (see the module docstring for the file format)."""
+
+    path: Path
+    name: str
+    base: tuple[Path, ...]
+    seeds: tuple[int, ...]
+    methods: tuple[Method, ...]
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    table3: Mapping[str, str] = field(
+        default_factory=lambda: {"lower": "Lower Layers", "higher": "Higher Layers"}
+    )
+    description: str = ""
+    quick_spec: Mapping[str, Any] | None = None
+
+    @property
+    def method_names(self) -> list[str]:
+        return [m.name for m in self.methods]
+
+    def method(self, name: str) -> Method:
+        for method in self.methods:
+            if method.name == name:
+                return method
+        raise GridError(
+            f"unknown method {name!r} in grid {self.path}; it defines: "
+            f"{', '.join(self.method_names)}"
+        )
+
+    def select(
+        self, methods: Iterable[str] | None = None, seeds: Iterable[int] | None = None
+    ) -> Grid:
+        """The grid restricted to ``methods`` (in the given order) and/or ``seeds``."""
+        chosen = self.methods if methods is None else tuple(self.method(m) for m in methods)
+        if not chosen:
+            raise GridError("no methods selected")
+        seeds = self.seeds if seeds is None else tuple(int(s) for s in seeds)
+        if not seeds:
+            raise GridError("no seeds selected")
+        return dataclasses.replace(self, methods=chosen, seeds=seeds)
+
+    def quick(self) -> Grid:
+        """The grid's ``quick:`` variant: its methods (default: the first two), its seeds
+        (default: the first), its overrides on top of the grid's, its eval settings."""
+        spec = dict(self.quick_spec or {})
+        names = spec.get("methods") or self.method_names[:2]
+        seeds = spec.get("seeds") or self.seeds[:1]
+        grid = self.select(names, seeds)
+        return dataclasses.replace(
+            grid,
+            name=f"{self.name}-quick",
+            overrides={**self.overrides, **dict(spec.get("overrides") or {})},
+            eval=self.eval.replace(spec.get("eval") or {}),
+        )
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Grid:
+        return dataclasses.replace(self, overrides={**self.overrides, **overrides})
+
+
+def cli_override(key: str, value: Any) -> str:
+    """``--key=value`` for ``medmoe.cli.main``: strings verbatim, anything else as JSON (YAML)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"--{key}={text}"
+
+
+def _check_keys(values: Mapping[str, Any], known: set[str], where: str) -> None:
+    if not isinstance(values, Mapping):
+        raise GridError(f"{where} must be a mapping, got {type(values).__name__}")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GridError(f"unknown key(s) {unknown} in {where}; accepted: {sorted(known)}")
+
+
+def _overrides(values: Any, where: str) -> dict[str, Any]:
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise GridError(f"{where} must map dotted keys to values, got {type(values).__name__}")
+    bad = [k for k in values if not isinstance(k, str) or not k or k.startswith("-")]
+    if bad:
+        raise GridError(f"{where}: keys must be dotted names such as trainer.max_steps, got {bad}")
+    return dict(values)
+
+
+def resolve_path(path: str | Path, grid_path: Path) -> Path:
+    """An existing file: ``path`` itself, or relative to the cwd, the grid's folder or a parent."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        if candidate.is_file():
+            return candidate
+        raise FileNotFoundError(f"config file {candidate} (named in grid {grid_path}) not found")
+    tried = [Path.cwd() / candidate]
+    tried += [folder / candidate for folder in (grid_path.parent, *grid_path.parent.parents)]
+    for option in tried:
+        if option.is_file():
+            return option.resolve()
+    raise FileNotFoundError(
+        f"config file {str(path)!r} (named in grid {grid_path}) not found; looked in the "
+        f"current directory and in {grid_path.parent} and its parents"
+    )
+
+
+def _paths(values: Any, grid_path: Path, where: str) -> tuple[Path, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, (str, Path)):
+        values = [values]
+    if not isinstance(values, Sequence):
+        raise GridError(f"{where} must be a path or a list of paths, got {values!r}")
+    return tuple(resolve_path(v, grid_path) for v in values)
+
+
+def _method(entry: Any, grid_path: Path, index: int) -> Method:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    where = f"methods[{index}]"
+    _check_keys(entry, _METHOD_KEYS, where)
+    name = entry.get("name")
+    if not isinstance(name, str) or not _NAME.match(name) or name == BASE_RUN:
+        raise GridError(
+            f"{where}.name must match [A-Za-z0-9_.-]+ and not be {BASE_RUN!r}, got {name!r}"
+        )
+    tables = tuple(int(t) for t in entry.get("tables", DEFAULT_TABLES))
+    if any(t not in PAPER_TABLES for t in tables):
+        raise GridError(f"{where}.tables must be a subset of {list(PAPER_TABLES)}, got {tables}")
+    allocation = entry.get("allocation")
+    if allocation is not None:
+        _check_keys(allocation, {"lower", "higher"}, f"{where}.allocation")
+        allocation = {k: str(v) for k, v in allocation.items()}
+    return Method(
+        name=name,
+        label=str(entry.get("label") or name),
+        configs=_paths(entry.get("configs"), grid_path, f"{where}.configs"),
+        overrides=_overrides(entry.get("overrides"), f"{where}.overrides"),
+        tables=tables,
+        allocation=allocation,
+    )
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse and check a grid file; every config it names must exist."""
+    grid_path = Path(path).expanduser()
+    if not grid_path.is_file():
+        raise FileNotFoundError(f"grid file {grid_path} not found")
+    grid_path = grid_path.resolve()
+    values = yaml.safe_load(grid_path.read_text()) or {}
+    _check_keys(values, _GRID_KEYS, str(grid_path))
+    if "base" not in values:
+        raise GridError(f"{grid_path}: 'base' (the base config path) is required")
+    entries = values.get("methods") or []
+    if not entries:
+        raise GridError(f"{grid_path}: 'methods' must list at least one method")
+    methods = tuple(_method(e, grid_path, i) for i, e in enumerate(entries))
+    names = [m.name for m in methods]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise GridError(f"{grid_path}: duplicate method name(s) {duplicates}")
+    seeds = tuple(int(s) for s in values.get("seeds", [0]))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise GridError(f"{grid_path}: seeds must be a non-empty list of distinct integers")
+    quick = values.get("quick")
+    if quick is not None:
+        _check_keys(quick, _QUICK_KEYS, f"{grid_path}: quick")
+        for name in quick.get("methods") or []:
+            if name not in names:
+                raise GridError(
+                    f"{grid_path}: quick.methods names unknown method {name!r}; the grid "
+                    f"defines: {', '.join(names)}"
+                )
+        quick = dict(quick)
+        quick["overrides"] = _overrides(quick.get("overrides"), "quick.overrides")
+    table3 = {"lower": "Lower Layers", "higher": "Higher Layers"}
+    if values.get("table3") is not None:
+        _check_keys(values["table3"], {"lower", "higher"}, "table3")
+        table3.update({k: str(v) for k, v in values["table3"].items()})
+    return Grid(
+        path=grid_path,
+        name=str(values.get("name") or grid_path.stem),
+        base=_paths(values["base"], grid_path, "base"),
+        seeds=seeds,
+        methods=methods,
+        overrides=_overrides(values.get("overrides"), "overrides"),
+        eval=EvalSettings().replace(values.get("eval") or {}),
+        table3=table3,
+        description=str(values.get("description") or ""),
+        quick_spec=quick,
+    )

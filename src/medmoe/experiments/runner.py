@@ -1,0 +1,241 @@
+"""Plan and run a grid: one directory per (method, seed), the base model once, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medmoe.experiments.grid import BASE_RUN, Grid, cli_override
+from medmoe.experiments.worker import RunSpec, execute, read_results
+
+__all__ = ["GridOutcome", "RunOutcome", "plan_runs", "run_command", "run_grid", "run_spec"]
+
+RUN_LOG = "run.log"
+ERROR_FILE = "error.txt"
+COMMAND_FILE = "command.sh"
+
+
+def _logger(run_dir: Path) -> str:
+    """The run's TensorBoard logger writing straight into ``run_dir`` (no name/version)."""
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(run_dir), "name": "", "version": ""},
+    }
+    return f"--trainer.logger={json.dumps(logger)}"
+
+
+def _run_args(
+    subcommand: str,
+    configs: Sequence[Path],
+    overrides: dict[str, Any],
+    extra: Sequence[str],
+    seed: int,
+    run_dir: Path,
+) -> list[str]:
+    args = [subcommand]
+    for config in configs:
+        args += ["--config", str(config)]
+    args += [cli_override(key, value) for key, value in overrides.items()]
+    args += list(extra)
+    args += [
+        f"--seed_everything={seed}",
+        f"--data.init_args.seed={seed}",
+        _logger(run_dir),
+        "--trainer.enable_progress_bar=false",
+    ]
+    return args
+
+
+def plan_runs(
+    grid: Grid,
+    out_dir: str | os.PathLike,
+    extra: Sequence[str] = (),
+    threads: int | None = None,
+) -> list[RunSpec]:
+    """The base-model run, then every (method, seed), as :class:`RunSpec` (nothing is run).
+
+    Arguments of a run, in order: ``--config`` base config(s), the method's fragments, the
+    grid's overrides, the method's overrides, ``extra`` (``--set`` of the command line), then
+    the run's seed, logger (TensorBoard into the run directory) and no progress bar.
+    The base model is the base config under ``medmoe validate`` with no validation batch,
+    scored with its adapter switched off.
+    """
+    out_dir = Path(out_dir).resolve()
+    base_dir = out_dir / BASE_RUN
+    base_args = _run_args(
+        "validate", grid.base, dict(grid.overrides), extra, grid.seeds[0], base_dir
+    )
+    base_args.append("--trainer.limit_val_batches=0")
+    runs = [
+        RunSpec(
+            method=BASE_RUN,
+            seed=None,
+            run_dir=base_dir,
+            cli_args=base_args,
+            eval=grid.eval,
+            base=True,
+            threads=threads,
+            label="Base Model",
+        )
+    ]
+    for method in grid.methods:
+        overrides = {**grid.overrides, **method.overrides}
+        for seed in grid.seeds:
+            run_dir = out_dir / method.name / f"seed_{seed}"
+            args = _run_args("fit", (*grid.base, *method.configs), overrides, extra, seed, run_dir)
+            runs.append(
+                RunSpec(
+                    method=method.name,
+                    seed=seed,
+                    run_dir=run_dir,
+                    cli_args=args,
+                    eval=grid.eval,
+                    threads=threads,
+                    label=method.label,
+                )
+            )
+    return runs
+
+
+def run_command(spec: RunSpec) -> str:
+    """The equivalent ``medmoe`` command line (training only; scoring is the runner's)."""
+    return shlex.join(["medmoe", *spec.cli_args])
+
+
+@dataclass
+class RunOutcome:
+    spec: RunSpec
+    status: str  # "done", "skipped" (results existed), "failed"
+    seconds: float = 0.0
+    results: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class GridOutcome:
+    out_dir: Path
+    runs: list[RunOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [r for r in self.runs if r.status == "failed"]
+
+
+def _subprocess(spec: RunSpec) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if spec.threads:
+        env["OMP_NUM_THREADS"] = str(spec.threads)
+    command = [sys.executable, "-m", "medmoe.experiments", "--worker", str(spec.spec_path)]
+    log = Path(spec.run_dir) / RUN_LOG
+    with open(log, "w") as stream:
+        code = subprocess.call(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"worker exited with code {code}; see {log}\n{tail}")
+
+
+def run_spec(spec: RunSpec, in_process: bool = False, rerun: bool = False) -> RunOutcome:
+    """Run one spec unless its ``results.json`` exists (then it is skipped); never raises."""
+    run_dir = Path(spec.run_dir)
+    if rerun and run_dir.exists():
+        shutil.rmtree(run_dir)
+    existing = read_results(run_dir)
+    if existing is not None:
+        return RunOutcome(spec, "skipped", results=existing)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    spec.write()
+    (run_dir / COMMAND_FILE).write_text(f"#!/bin/sh\n{run_command(spec)}\n")
+    began = time.perf_counter()
+    try:
+        if in_process:
+            execute(spec)
+        else:
+            _subprocess(spec)
+        results = read_results(run_dir)
+        if results is None:
+            raise RuntimeError(f"the run finished without writing {spec.results_path}")
+    except Exception as error:  # a failed run is reported; the grid goes on
+        message = f"{type(error).__name__}: {error}"
+        (run_dir / ERROR_FILE).write_text(traceback.format_exc())
+        return RunOutcome(spec, "failed", time.perf_counter() - began, error=message)
+    return RunOutcome(spec, "done", time.perf_counter() - began, results=results)
+
+
+def _describe(outcome: RunOutcome) -> str:
+    spec = outcome.spec
+    name = spec.method if spec.seed is None else f"{spec.method} seed {spec.seed}"
+    if outcome.status == "failed":
+        return f"{name}: FAILED after {outcome.seconds:.0f} s ({outcome.error.splitlines()[0]})"
+    scores = (outcome.results or {}).get("scores", {})
+    medical = [scores[t] for t in ("pubmedqa", "medqa", "clinical_sum") if t in scores]
+    average = f", medical avg {100 * sum(medical) / len(medical):.1f}" if medical else ""
+    if outcome.status == "skipped":
+        return f"{name}: results exist, skipped{average}"
+    results = outcome.results or {}
+    return (
+        f"{name}: done in {outcome.seconds:.0f} s (fit {results.get('fit_seconds', 0):.0f} s, "
+        f"eval {results.get('eval_seconds', 0):.0f} s){average}"
+    )
+
+
+def run_grid(
+    grid: Grid,
+    out_dir: str | os.PathLike,
+    *,
+    extra: Sequence[str] = (),
+    jobs: int = 1,
+    threads: int | None = None,
+    in_process: bool = False,
+    rerun: bool = False,
+    fail_fast: bool = False,
+    log: Callable[[str], None] = print,
+) -> GridOutcome:
+    """Run every planned spec (the base model first), skipping those with results.
+
+    ``jobs`` > 1 runs that many worker processes at once (subprocess mode only).
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if in_process and jobs > 1:
+        raise ValueError("in-process runs go one at a time: use jobs=1 or subprocesses")
+    specs = plan_runs(grid, out_dir, extra, threads)
+    outcome = GridOutcome(Path(out_dir).resolve())
+    total = len(specs)
+    counter = iter(range(1, total + 1))
+
+    def record(result: RunOutcome) -> RunOutcome:
+        outcome.runs.append(result)
+        log(f"[{next(counter)}/{total}] {_describe(result)}")
+        return result
+
+    first = record(run_spec(specs[0], in_process, rerun))
+    if first.status == "failed" and fail_fast:
+        return outcome
+    rest = specs[1:]
+    if jobs == 1:
+        for spec in rest:
+            result = record(run_spec(spec, in_process, rerun))
+            if result.status == "failed" and fail_fast:
+                break
+        return outcome
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_spec, spec, False, rerun) for spec in rest]
+        for future in futures:
+            result = record(future.result())
+            if result.status == "failed" and fail_fast:
+                for pending in futures:
+                    pending.cancel()
+                break
+    return outcome

@@ -1,0 +1,405 @@
+"""The LightningModule: a Hugging Face causal LM with an adapter, trained on eq 5's objective."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    get_cosine_schedule_with_warmup,
+)
+
+from medmoe.adapters import MoELoRALinear, enable_gradient_checkpointing
+from medmoe.adapters.spec import AdapterSpec
+from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
+from medmoe.objectives.projection import OrthoLoRA
+
+IGNORE_INDEX = -100
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MedMoEModule(LightningModule):
+    """Fine-tunes a causal LM with any :class:`~medmoe.adapters.spec.AdapterSpec`.
+
+    Loss (eq 5): masked next-token cross-entropy on the target tokens
+    ``+ lambda_balance * L_balance + lambda_kp * L_kp`` (the routing terms only for MoE-LoRA).
+
+    Args:
+        model_name_or_path: a hub id, a local model directory, or ``"toy"`` for the toy
+            clinic's shipped base. Ignored when ``tiny_llama`` is given.
+        tiny_llama: ``LlamaConfig`` keyword arguments to build a random tiny Llama (tests);
+            its ``vocab_size`` defaults to the data's.
+        adapter: the fine-tuning method (``class_path`` in YAML). Default: Med-MoE-LoRA.
+        vocab_size: the tokenizer's vocabulary size (linked from the data by the CLI).
+        task_names: task names by task id (linked from the data), for per-task logging.
+        torch_dtype: dtype the base model is loaded in.
+        attn_implementation: transformers attention backend (``"sdpa"``, ``"eager"``,
+            ``"flash_attention_2"``); ``None`` lets transformers choose.
+        gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
+        lambda_balance: weight of the load-balancing loss (eq 5).
+        balance_form: ``"variance"`` (the paper), ``"cv2"`` or ``"switch"``.
+        lambda_kp: weight of the knowledge-preservation loss (general samples to base experts,
+            domain samples to specialists); 0 turns it off.
+        kp_delta: LoRAMoE's degree of imbalance delta in [0, 1).
+        routing_tokens: tokens the routing losses average over: ``"all"`` non-padding tokens or
+            ``"target"`` tokens only (prompt tokens masked).
+        learning_rate: AdamW peak learning rate (paper: 5e-5).
+        weight_decay: AdamW weight decay; never applied to routers, temperatures or biases.
+        warmup_ratio: fraction of the optimizer steps spent in linear warm-up before the cosine
+            decay (paper: 0.03).
+        betas: AdamW betas.
+        gradient_projection: ``"ortho"`` projects conflicting per-task gradients of every LoRA
+            factor (Ortho-LoRA, PCGrad-style, per factor) before each optimizer step; works
+            with peft LoRA and MoE-LoRA adapters. ``"none"`` trains on the summed gradient.
+        projection_order: Ortho-LoRA's task order, ``"shuffle"`` (seeded) or ``"fixed"``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = "toy",
+        tiny_llama: dict[str, Any] | None = None,
+        adapter: AdapterSpec | None = None,
+        vocab_size: int | None = None,
+        task_names: list[str] | None = None,
+        torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = "sdpa",
+        gradient_checkpointing: bool = False,
+        lambda_balance: float = 0.01,
+        balance_form: Literal["variance", "cv2", "switch"] = "variance",
+        lambda_kp: float = 0.0,
+        kp_delta: float = 0.1,
+        routing_tokens: Literal["all", "target"] = "all",
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        betas: tuple[float, float] = (0.9, 0.999),
+        gradient_projection: Literal["none", "ortho"] = "none",
+        projection_order: Literal["shuffle", "fixed"] = "shuffle",
+    ) -> None:
+        super().__init__()
+        if model_name_or_path is None and tiny_llama is None:
+            raise ValueError("give model_name_or_path (hub id, local dir or 'toy') or tiny_llama")
+        if lambda_balance < 0 or lambda_kp < 0:
+            raise ValueError(
+                f"lambda_balance and lambda_kp must be >= 0, got {lambda_balance}, {lambda_kp}"
+            )
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio}")
+        if gradient_projection not in ("none", "ortho"):
+            raise ValueError(
+                f"gradient_projection must be 'none' or 'ortho', got {gradient_projection!r}"
+            )
+        if torch_dtype not in _DTYPES:
+            raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(_DTYPES)}")
+        if adapter is None:
+            from medmoe.adapters import MoELoRAConfig
+
+            adapter = MoELoRAConfig()
+        elif isinstance(adapter, Mapping):  # a checkpoint's hparams: {"class_path": ..., ...}
+            adapter = _instantiate(adapter)
+        self.save_hyperparameters(ignore=["adapter"])
+        self.hparams["adapter"] = {"class_path": _class_path(adapter), "init_args": vars(adapter)}
+        self.adapter = adapter
+        self.task_names = list(task_names or [])
+        self.model: nn.Module | None = None
+        self.moe_layers: list[MoELoRALinear] = []
+        self.ortho: OrthoLoRA | None = None
+        self.strict_loading = False  # checkpoints leave the frozen base out
+        self._val_sums: Tensor | None = None
+        self._resumed_rng_states: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        """Build the base model and apply the adapter; a no-op once built (DeepSpeed-safe)."""
+        if self.model is not None:
+            return
+        base = self._load_base()
+        if self.hparams.gradient_checkpointing:
+            enable_gradient_checkpointing(base)
+        self.model = self.adapter.apply(base)
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELoRALinear)]
+        if self.hparams.gradient_projection == "ortho":
+            if _is_deepspeed(self._trainer):
+                raise ValueError(
+                    "gradient_projection='ortho' does not work under the DeepSpeed strategy: "
+                    "ZeRO moves gradients into its own buffers during backward, so the "
+                    "projection would never reach the optimizer. Use DDP "
+                    "(configs/multi_gpu/ddp.yaml) or one device for Ortho-LoRA"
+                )
+            if len(self.task_names) < 2:
+                raise ValueError(
+                    f"gradient_projection='ortho' needs at least 2 tasks, got task_names="
+                    f"{self.task_names}"
+                )
+            self.ortho = OrthoLoRA(
+                self.model, len(self.task_names), order=self.hparams.projection_order
+            )
+
+    def _load_base(self) -> nn.Module:
+        dtype = _DTYPES[self.hparams.torch_dtype]
+        if self.hparams.tiny_llama is not None:
+            values = dict(self.hparams.tiny_llama)
+            if self.hparams.vocab_size is not None:
+                values.setdefault("vocab_size", self.hparams.vocab_size)
+            config = LlamaConfig(**values)
+            if self.hparams.attn_implementation:
+                config._attn_implementation = self.hparams.attn_implementation
+            return LlamaForCausalLM(config).to(dtype)
+        path = self.hparams.model_name_or_path
+        if path == "toy":
+            from medmoe.data import toy_base_path
+
+            path = str(toy_base_path())
+        elif Path(path).expanduser().exists():
+            path = str(Path(path).expanduser())
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if self.hparams.attn_implementation:
+            kwargs["attn_implementation"] = self.hparams.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        vocab = self.hparams.vocab_size
+        if vocab is not None and vocab > model.get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"the tokenizer has {vocab} tokens but {path} embeds only "
+                f"{model.get_input_embeddings().num_embeddings}: pair the model with its tokenizer"
+            )
+        return model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    # ----------------------------------------------------------------- loss
+    def compute_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Task loss, routing losses, their weighted sum, and per-token losses for logging."""
+        self.adapter.prepare_batch(self.model, batch)
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        # predict token t+1 from positions <= t: [B, T-1, V] against [B, T-1]
+        targets = batch["labels"][:, 1:]
+        token_loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view_as(targets)
+        target_mask = targets != IGNORE_INDEX
+        task_loss = token_loss.sum() / target_mask.sum().clamp_min(1)
+        losses = {"task_loss": task_loss, "token_loss": token_loss, "target_mask": target_mask}
+        total = task_loss
+        if self.moe_layers and (self.hparams.lambda_balance > 0 or self.hparams.lambda_kp > 0):
+            probs = recorded_router_probs(self.moe_layers)
+            if self.hparams.routing_tokens == "target":
+                # a label at t+1 makes position t a target-predicting token
+                routing_mask = F.pad(target_mask, (0, 1), value=False)
+            else:
+                routing_mask = batch["attention_mask"].bool()
+            if self.hparams.lambda_balance > 0:
+                balance = load_balance_loss(probs, routing_mask, self.hparams.balance_form)
+                losses["balance_loss"] = balance
+                total = total + self.hparams.lambda_balance * balance
+            if self.hparams.lambda_kp > 0:
+                kp = knowledge_preservation_loss(
+                    probs,
+                    batch["is_general"],
+                    [layer.num_base_experts for layer in self.moe_layers],
+                    routing_mask,
+                    self.hparams.kp_delta,
+                )
+                losses["kp_loss"] = kp
+                total = total + self.hparams.lambda_kp * kp
+        losses["loss"] = total
+        return losses
+
+    def _per_task_sums(self, losses: Mapping[str, Tensor], task_id: Tensor) -> Tensor:
+        """[num_tasks, 2]: summed target-token loss and target-token count per task."""
+        num_tasks = max(len(self.task_names), 1)
+        per_sample = torch.stack(
+            [losses["token_loss"].sum(1), losses["target_mask"].sum(1).to(torch.float32)], dim=1
+        )  # [B, 2]
+        sums = per_sample.new_zeros(num_tasks, 2)
+        return sums.index_add_(0, task_id.clamp_max(num_tasks - 1), per_sample.float())
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        if self.ortho is not None:
+            self.ortho.set_task_ids(batch["task_id"])
+        losses = self.compute_losses(batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"(task loss {losses['task_loss'].item()}); the run stops here and the last "
+                "good checkpoint is kept"
+            )
+        batch_size = batch["input_ids"].shape[0]
+        for key in ("loss", "task_loss", "balance_loss", "kp_loss"):
+            if key in losses:
+                self.log(f"train/{key}", losses[key], prog_bar=key == "loss", batch_size=batch_size)
+        if self.task_names and self._should_log_step():
+            sums = self._per_task_sums(losses, batch["task_id"]).tolist()
+            for name, (total, count) in zip(self.task_names, sums, strict=True):
+                if count > 0:
+                    self.log(f"train/loss_{name}", total / count, batch_size=batch_size)
+        return loss
+
+    def _should_log_step(self) -> bool:
+        trainer = self._trainer
+        every = trainer.log_every_n_steps if trainer is not None else 1
+        # Lightning writes logs when (steps so far + 1) is a multiple of log_every_n_steps
+        return (self.global_step + 1) % max(every, 1) == 0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.ortho is None or not self.ortho.task_gradients.captured:
+            return
+        # Lightning calls this after unscaling fp16 gradients; the per-task buffers still
+        # carry the loss scale.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        report = self.ortho.project(loss_scale=float(scaler.get_scale()) if scaler else 1.0)
+        self.log("ortho/conflict_fraction", report.conflict_fraction())
+
+    def on_validation_epoch_start(self) -> None:
+        if self.ortho is not None:
+            self.ortho.set_task_ids(None)
+        self._val_sums = None
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        sums = self._per_task_sums(losses, batch["task_id"])
+        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+        return losses["task_loss"]
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_losses("val")
+
+    def _log_eval_losses(self, prefix: str) -> None:
+        """Token-mean loss overall and per task, summed over ranks (exact, not mean of means)."""
+        if self._val_sums is None:
+            return
+        sums = self.all_gather(self._val_sums)
+        sums = sums.sum(0) if sums.dim() == 3 else sums  # [world, tasks, 2] -> [tasks, 2]
+        total, count = sums.sum(0).tolist()
+        self.log(f"{prefix}/loss", total / max(count, 1.0))
+        for name, (task_total, task_count) in zip(self.task_names, sums.tolist(), strict=False):
+            if task_count > 0:
+                self.log(f"{prefix}/loss_{name}", task_total / task_count)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_losses("test")
+
+    def on_train_start(self) -> None:
+        # Restore the random state of the interrupted run (dropout), so a resumed run draws
+        # what the uninterrupted one would have.
+        if self._resumed_rng_states is not None:
+            _set_rng_states(self._resumed_rng_states)
+            self._resumed_rng_states = None
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            exempt = param.ndim < 2 or "router" in name or "log_tau" in name
+            (no_decay if exempt else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = self._optimizer_class()(
+            [g for g in groups if g["params"]],
+            lr=self.hparams.learning_rate,
+            betas=tuple(self.hparams.betas),
+        )
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def _optimizer_class(self) -> type[torch.optim.Optimizer]:
+        """AdamW; DeepSpeed's CPU AdamW when ZeRO offloads the optimizer (it refuses torch's)."""
+        if _is_deepspeed(self._trainer):
+            zero = self.trainer.strategy.config.get("zero_optimization", {})
+            if zero.get("offload_optimizer"):
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                return DeepSpeedCPUAdam
+        return torch.optim.AdamW
+
+    # ----------------------------------------------------------------- checkpoints
+    def trainable_state_keys(self) -> set[str]:
+        """State-dict keys a checkpoint keeps: trainable parameters and adapter buffers."""
+        keys = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        keys |= {f"model.{n}" for n, _ in self.model.named_buffers() if n.endswith("log_tau")}
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_state_keys()
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+
+        checkpoint["medmoe_rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        self._resumed_rng_states = checkpoint.get("medmoe_rng_states")
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        missing = sorted(self.trainable_state_keys() - set(state))
+        if missing:
+            raise KeyError(
+                f"the checkpoint lacks {len(missing)} trainable tensor(s) of this adapter, e.g. "
+                f"{missing[:3]}: it was written for another adapter configuration"
+            )
+
+
+def _is_deepspeed(trainer: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+def _rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _instantiate(description: Mapping[str, Any]) -> AdapterSpec:
+    values = dict(description)
+    module_name, _, class_name = str(values.pop("class_path", "")).rpartition(".")
+    if not module_name:
+        raise ValueError(f"adapter description {description!r} has no class_path")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**values.get("init_args", {}))

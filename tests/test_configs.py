@@ -1,0 +1,220 @@
+"""Every YAML under configs/ parses through the `medmoe` CLI and selects the intended adapter.
+
+Full configs (demo.yaml, med.yaml) parse alone; fragments (configs/baselines/, configs/ablations/)
+parse alone and stacked on demo.yaml as a second --config. Baseline fragments must *replace* the
+base config's adapter: jsonargparse keeps every init_args key of the earlier adapter that the new
+class also accepts, so a fragment has to spell out all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import io
+import re
+import sys
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+
+from medmoe.cli import main
+from medmoe.experiments import load_grid
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+DEMO = CONFIGS / "demo.yaml"
+MED = CONFIGS / "med.yaml"
+MOE = "medmoe.adapters.MoELoRAConfig"
+BASELINES = {
+    "full_finetune.yaml": "medmoe.adapters.baselines.FullFineTune",
+    "lora.yaml": "medmoe.adapters.baselines.LoRA",
+    "multi_lora.yaml": "medmoe.adapters.baselines.MultiLoRA",
+    "vanilla_moe_lora.yaml": MOE,
+    "ortho_lora.yaml": "medmoe.adapters.baselines.LoRA",
+}
+FULL = sorted(p for p in CONFIGS.glob("*.yaml"))
+FRAGMENTS = sorted([*CONFIGS.glob("baselines/*.yaml"), *CONFIGS.glob("ablations/*.yaml")])
+GRIDS = sorted(CONFIGS.glob("experiments/*.yaml"))
+# Keys a base config sets that the baselines' adapters also accept, set to odd values.
+PERTURBED_BASE = """
+model:
+  class_path: medmoe.model.MedMoEModule
+  init_args:
+    lambda_kp: 0.7
+    gradient_projection: ortho
+    adapter:
+      class_path: medmoe.adapters.MoELoRAConfig
+      init_args:
+        target_modules: [q_proj]
+        dropout: 0.3
+        allocation: bottom_heavy
+        top_k: 3
+        learn_tau: true
+"""
+
+
+def _name(path: Path) -> str:
+    return str(path.relative_to(CONFIGS))
+
+
+def print_config(*configs: Path) -> dict[str, Any]:
+    """``medmoe fit --config ... --print_config`` as a dict (it must exit with status 0)."""
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(config)]
+    buffer = io.StringIO()
+    with (
+        mock.patch.object(sys, "argv", ["medmoe"]),
+        contextlib.redirect_stdout(buffer),
+        pytest.raises(SystemExit) as exit_info,
+    ):
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None), buffer.getvalue()[-2000:]
+    lines = buffer.getvalue().splitlines()
+    # libraries may print warnings before the YAML (DeepSpeed's accelerator probe)
+    start = next(i for i, line in enumerate(lines) if re.match(r"^(#|[A-Za-z_]+:)", line))
+    return yaml.safe_load("\n".join(lines[start:]))
+
+
+def adapter_of(printed: dict[str, Any]) -> dict[str, Any]:
+    return printed["model"]["init_args"]["adapter"]
+
+
+def expected_adapter(fragment: Path) -> str:
+    if fragment.parent.name == "baselines":
+        return BASELINES[fragment.name]
+    return MOE
+
+
+def _leaves(tree: Any, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
+    """(path, value) of every leaf of a YAML tree; a mapping under layer_ranges is one leaf."""
+    if isinstance(tree, dict) and prefix[-1:] != ("layer_ranges",):
+        return [leaf for key, value in tree.items() for leaf in _leaves(value, (*prefix, key))]
+    return [(prefix, tree)]
+
+
+def _at(tree: dict[str, Any], path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return float(a) == float(b)
+    return a == b
+
+
+def assert_applied(printed: dict[str, Any], fragment: Path) -> None:
+    """Every value the fragment sets is the value of the printed (merged) config."""
+    for path, value in _leaves(yaml.safe_load(fragment.read_text())):
+        assert _same(_at(printed, path), value), (fragment.name, path, _at(printed, path), value)
+
+
+def test_the_expected_files_exist() -> None:
+    assert {p.name for p in CONFIGS.glob("baselines/*.yaml")} == set(BASELINES)
+    ablations = {p.stem for p in CONFIGS.glob("ablations/*.yaml")}
+    assert {"alloc_uniform", "alloc_bottom_heavy", "alloc_asymmetric"} <= ablations
+    assert {"tau_learned", "tau_fixed", "no_base_experts", "base_experts_kp"} <= ablations
+    assert {"ranks_mixed", "ranks_equal"} <= ablations
+
+
+@pytest.mark.parametrize("config", FULL, ids=_name)
+def test_full_config_parses_alone(config: Path) -> None:
+    printed = print_config(config)
+    assert adapter_of(printed)["class_path"] == MOE
+    assert printed["data"]["class_path"] == "medmoe.data.MultiTaskDataModule"
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=_name)
+def test_fragment_opens_with_its_command_and_comments_every_key(fragment: Path) -> None:
+    lines = fragment.read_text().splitlines()
+    command = f"--config {fragment.relative_to(ROOT)}"
+    assert lines[0].startswith("# "), "a fragment opens with a comment"
+    assert any(line.startswith("#   medmoe fit") and command in line for line in lines)
+    for line in lines:
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        # every key that carries a value is commented (section keys are self-explanatory)
+        key, _, value = stripped.partition(":")
+        if value.strip() and key not in ("class_path",):
+            assert "#" in value, f"{fragment.name}: uncommented key {stripped!r}"
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=_name)
+def test_fragment_parses_alone(fragment: Path) -> None:
+    assert adapter_of(print_config(fragment))["class_path"] == expected_adapter(fragment)
+
+
+@pytest.mark.parametrize(
+    "fragment", [f for f in FRAGMENTS if f.parent.name == "ablations"], ids=_name
+)
+def test_ablation_stacks_on_demo(fragment: Path) -> None:
+    printed = print_config(DEMO, fragment)
+    assert adapter_of(printed)["class_path"] == MOE
+    assert_applied(printed, fragment)
+
+
+@pytest.mark.parametrize(
+    "fragment", [f for f in FRAGMENTS if f.parent.name == "baselines"], ids=_name
+)
+def test_baseline_replaces_the_base_adapter(fragment: Path, tmp_path: Path) -> None:
+    """Stacked on demo.yaml and a config whose adapter shares keys with the baseline's, the
+    fragment's adapter is exactly its own: nothing of the earlier adapter leaks through."""
+    perturbed = tmp_path / "perturbed.yaml"
+    perturbed.write_text(PERTURBED_BASE)
+    printed = print_config(DEMO, perturbed, fragment)
+    adapter = adapter_of(printed)
+    assert adapter["class_path"] == BASELINES[fragment.name]
+    assert_applied(printed, fragment)
+    # the fragment spells out every init_arg of its adapter class
+    module, _, name = adapter["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    declared = yaml.safe_load(fragment.read_text())["model"]["init_args"]["adapter"]["init_args"]
+    assert {f.name for f in dataclasses.fields(cls)} == set(declared)
+    # and the routing / projection settings of the method, whatever the base had
+    model = printed["model"]["init_args"]
+    expected = "ortho" if fragment.name == "ortho_lora.yaml" else "none"
+    assert model["gradient_projection"] == expected
+    assert model["lambda_kp"] == 0.0
+
+
+def test_fragments_stack_on_med() -> None:
+    for fragment in (
+        CONFIGS / "baselines/multi_lora.yaml",
+        CONFIGS / "ablations/alloc_uniform.yaml",
+    ):
+        printed = print_config(MED, fragment)
+        assert adapter_of(printed)["class_path"] == expected_adapter(fragment)
+        assert_applied(printed, fragment)
+
+
+def test_table3_allocations_give_the_intended_counts() -> None:
+    from medmoe.adapters import MoELoRAConfig
+
+    expected = {"alloc_uniform": [4] * 4, "alloc_bottom_heavy": [8, 8, 2, 2]}
+    expected["alloc_asymmetric"] = [2, 2, 8, 8]
+    demo = yaml.safe_load(DEMO.read_text())["model"]["init_args"]["adapter"]["init_args"]
+    for name, counts in expected.items():
+        fragment = yaml.safe_load((CONFIGS / "ablations" / f"{name}.yaml").read_text())
+        values = {**demo, **fragment["model"]["init_args"]["adapter"]["init_args"]}
+        assert MoELoRAConfig(**values).layer_expert_counts(4) == counts, name
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=_name)
+def test_grid_files_load(grid: Path) -> None:
+    loaded = load_grid(grid)
+    assert loaded.methods and loaded.seeds
+    for path in (*loaded.base, *(c for m in loaded.methods for c in m.configs)):
+        assert path.is_file()
+    assert loaded.quick().methods
