@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/medmoe fit --config configs/demo.yaml
+	$(BIN)/medmoe fit --config configs/demo.yaml --config callbacks/all.yaml
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -164,3 +164,13 @@ def test_router_stays_float32_under_autocast():
         layer(x)
     assert layer.last_probs.dtype == torch.float32
     torch.testing.assert_close(layer.last_probs, layer.router_probs(x))
+
+
+def test_a_subclassed_gate_is_used_on_every_path():
+    class UniformGate(MoELoRALinear):
+        def probs_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(logits, 1.0 / self.num_experts)
+
+    layer = UniformGate(nn.Linear(8, 8), (2, 2), dropout=0.0)
+    layer(torch.randn(4, 8))  # float32, no dropout: the fused router path
+    torch.testing.assert_close(layer.last_probs, torch.full((4, 2), 0.5))

@@ -26,15 +26,6 @@ from medmoe.adapters.baselines import (
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP stalls (bmm) on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _perturb_lora_b(model: nn.Module, seed: int = 2) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

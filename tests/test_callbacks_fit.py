@@ -40,15 +40,6 @@ TAU_RANGE = (0.5, 1.0)  # tau_init = 1.0 sits at the upper bound: the warning mu
 EVAL = {"limit": 4, "batch_size": 4, "max_new_tokens": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread avoids OpenMP spinning on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(**kwargs) -> MultiTaskDataModule:
     return MultiTaskDataModule(batch_size=8, max_length=48, eval_batch_size=8, **kwargs)
 

@@ -1,7 +1,8 @@
 """Every YAML under configs/ parses through the `medmoe` CLI and selects the intended adapter.
 
-Full configs (demo.yaml, med.yaml) parse alone; fragments (configs/baselines/, configs/ablations/)
-parse alone and stacked on demo.yaml as a second --config. Baseline fragments must *replace* the
+Full configs (demo.yaml, med.yaml) parse alone; fragments (every other YAML under configs/ but
+the runner's grids) parse alone and as every `medmoe fit` command their header gives (for the
+baselines and ablations: stacked on demo.yaml, the baselines also on med.yaml). Baseline fragments must *replace* the
 base config's adapter: jsonargparse keeps every init_args key of the earlier adapter that the new
 class also accepts, so a fragment has to spell out all of them.
 """
@@ -39,9 +40,11 @@ BASELINES = {
     "vanilla_moe_lora.yaml": MOE,
     "ortho_lora.yaml": "medmoe.adapters.baselines.LoRA",
 }
-FULL = sorted(p for p in CONFIGS.glob("*.yaml"))
-FRAGMENTS = sorted([*CONFIGS.glob("baselines/*.yaml"), *CONFIGS.glob("ablations/*.yaml")])
-GRIDS = sorted(CONFIGS.glob("experiments/*.yaml"))
+FULL = sorted(CONFIGS.glob("*.yaml"))
+GRIDS = sorted(CONFIGS.glob("experiments/*.yaml"))  # runner grids, not CLI configs
+# every other YAML under configs/ is a fragment layered on a full config
+FRAGMENTS = sorted(p for p in CONFIGS.glob("*/**/*.yaml") if p.parent.name != "experiments")
+METHOD_FRAGMENTS = [f for f in FRAGMENTS if f.parent.name in ("baselines", "ablations")]
 # Keys a base config sets that the baselines' adapters also accept, set to odd values.
 PERTURBED_BASE = """
 model:
@@ -87,10 +90,28 @@ def adapter_of(printed: dict[str, Any]) -> dict[str, Any]:
     return printed["model"]["init_args"]["adapter"]
 
 
-def expected_adapter(fragment: Path) -> str:
-    if fragment.parent.name == "baselines":
-        return BASELINES[fragment.name]
-    return MOE
+def declared_adapter(fragment: Path) -> str | None:
+    """The adapter class_path the fragment sets, if any."""
+    model = (yaml.safe_load(fragment.read_text()) or {}).get("model") or {}
+    return ((model.get("init_args") or {}).get("adapter") or {}).get("class_path")
+
+
+def header_commands(fragment: Path) -> list[list[Path]]:
+    """The --config lists of the `medmoe fit` commands in the fragment's opening comment
+    (a command may continue on the next comment line after a backslash)."""
+    text = []
+    for line in fragment.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text.append(line.lstrip("#").strip())
+    joined = "\n".join(text).replace("\\\n", " ")
+    commands = []
+    for line in joined.splitlines():
+        if line.startswith("medmoe fit"):
+            words = line.split()
+            configs = [ROOT / words[i + 1] for i, w in enumerate(words) if w == "--config"]
+            commands.append(configs)
+    return commands
 
 
 def _leaves(tree: Any, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
@@ -135,7 +156,7 @@ def test_full_config_parses_alone(config: Path) -> None:
     assert printed["data"]["class_path"] == "medmoe.data.MultiTaskDataModule"
 
 
-@pytest.mark.parametrize("fragment", FRAGMENTS, ids=_name)
+@pytest.mark.parametrize("fragment", METHOD_FRAGMENTS, ids=_name)
 def test_fragment_opens_with_its_command_and_comments_every_key(fragment: Path) -> None:
     lines = fragment.read_text().splitlines()
     command = f"--config {fragment.relative_to(ROOT)}"
@@ -153,16 +174,26 @@ def test_fragment_opens_with_its_command_and_comments_every_key(fragment: Path) 
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=_name)
 def test_fragment_parses_alone(fragment: Path) -> None:
-    assert adapter_of(print_config(fragment))["class_path"] == expected_adapter(fragment)
+    printed = print_config(fragment)
+    if declared_adapter(fragment) is not None:
+        assert adapter_of(printed)["class_path"] == declared_adapter(fragment)
 
 
-@pytest.mark.parametrize(
-    "fragment", [f for f in FRAGMENTS if f.parent.name == "ablations"], ids=_name
-)
-def test_ablation_stacks_on_demo(fragment: Path) -> None:
-    printed = print_config(DEMO, fragment)
-    assert adapter_of(printed)["class_path"] == MOE
-    assert_applied(printed, fragment)
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=_name)
+def test_fragment_stacks_as_its_header_command_says(fragment: Path) -> None:
+    """Every `medmoe fit --config ...` command the fragment opens with parses, applies the
+    fragment's values and selects the intended adapter (the fragment's, else the base's)."""
+    commands = header_commands(fragment)
+    assert commands and all(c[-1] == fragment for c in commands), commands
+    for configs in commands:
+        printed = print_config(*configs)
+        expected = declared_adapter(fragment)
+        if fragment.parent.name == "baselines":
+            assert expected == BASELINES[fragment.name]
+        for earlier in reversed(configs[:-1]):
+            expected = expected or declared_adapter(earlier)
+        assert adapter_of(printed)["class_path"] == (expected or MOE)
+        assert_applied(printed, fragment)
 
 
 @pytest.mark.parametrize(
@@ -187,16 +218,6 @@ def test_baseline_replaces_the_base_adapter(fragment: Path, tmp_path: Path) -> N
     expected = "ortho" if fragment.name == "ortho_lora.yaml" else "none"
     assert model["gradient_projection"] == expected
     assert model["lambda_kp"] == 0.0
-
-
-def test_fragments_stack_on_med() -> None:
-    for fragment in (
-        CONFIGS / "baselines/multi_lora.yaml",
-        CONFIGS / "ablations/alloc_uniform.yaml",
-    ):
-        printed = print_config(MED, fragment)
-        assert adapter_of(printed)["class_path"] == expected_adapter(fragment)
-        assert_applied(printed, fragment)
 
 
 def test_table3_allocations_give_the_intended_counts() -> None:

@@ -230,10 +230,11 @@ def test_fixture_sources_in_the_datamodule():
     assert dm.vocab_size == 260
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4
-    assert len(dm.eval_examples("pubmedqa")) == 6  # a single file serves any split
-    assert dm.eval_examples("pubmedqa")[0] in [
-        get_task("pubmedqa").eval_example(r) for r in load_records("pubmedqa", tasks[0].source)
-    ]
+    # one file, carved like the hub's pqa_labeled: 2 train, 1 validation, 3 test records
+    assert [len(dm.records("pubmedqa", s)) for s in ("train", "validation", "test")] == [2, 1, 3]
+    expected = load_records("pubmedqa", tasks[0].source, "validation")
+    assert dm.eval_examples("pubmedqa") == [get_task("pubmedqa").eval_example(expected[0])]
+    assert len(dm.eval_examples("gsm8k", split="test")) == 4  # GSM8K has its own test split
 
 
 def test_yaml_config_through_jsonargparse():

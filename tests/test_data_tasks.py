@@ -19,6 +19,11 @@ def fixture(name: str) -> str:
     return str(FIXTURES / name)
 
 
+def every_split(task: str, source: str) -> list[dict]:
+    """All records of a single-file source whose splits the task carves."""
+    return [r for s in ("train", "validation", "test") for r in load_records(task, source, s)]
+
+
 def test_registry_and_unknown_task():
     assert set(TASKS) == {"pubmedqa", "medqa", "clinical_sum", "mmlu", "gsm8k"}
     assert {t.name: t.group for t in TASKS.values()} == {
@@ -34,7 +39,7 @@ def test_registry_and_unknown_task():
 
 def test_pubmedqa_fixture():
     task = get_task("pubmedqa")
-    records = load_records(task, fixture("pubmedqa.jsonl"), "train")
+    records = sorted(every_split("pubmedqa", fixture("pubmedqa.jsonl")), key=lambda r: r["pubid"])
     assert len(records) == 6 and isinstance(records[0]["pubid"], int)
     prompt, target = task.format(records[1])
     assert prompt.startswith("Context: Low vitamin D levels")
@@ -95,7 +100,7 @@ def test_gsm8k_fixture():
 @pytest.mark.parametrize("name", ["clinical_sum.jsonl", "clinical_sum.csv"])
 def test_clinical_sum_fixture(name):
     task = get_task("clinical_sum")
-    records = load_records(task, fixture(name), "test")
+    records = sorted(every_split("clinical_sum", fixture(name)), key=lambda r: r["note_id"])
     assert [str(r["note_id"]) for r in records] == ["n-0001", "n-0002", "n-0003", "n-0004"]
     prompt, target = task.format(records[1])
     assert prompt.startswith("Note: 54 y/o F, hx T2DM") and prompt.endswith("\nSummary:")
@@ -117,6 +122,17 @@ def test_field_map_renames_a_stand_in_export(tmp_path):
         "idx": "note_id",
         "note": "text",
     }
+
+
+def test_single_file_is_carved_only_for_carved_splits():
+    pubmed = {s: load_records("pubmedqa", fixture("pubmedqa.jsonl"), s) for s in ("train", "test")}
+    assert [len(pubmed["train"]), len(pubmed["test"])] == [2, 3]  # 40% / 50%, like the hub
+    assert not {r["pubid"] for r in pubmed["train"]} & {r["pubid"] for r in pubmed["test"]}
+    medqa = fixture("medqa.jsonl")
+    assert len(load_records("medqa", medqa, "test")) == 4  # MedQA has a test split upstream
+    assert len(load_records("medqa", medqa, "validation")) == 1  # carved from train
+    assert len(load_records("medqa", medqa, "train")) == 3
+    assert len(load_records("mmlu", fixture("mmlu.jsonl"), "dev")) == 5  # never carved
 
 
 def test_directory_source_carves_missing_splits(tmp_path):
@@ -218,7 +234,9 @@ def test_unsupported_extension(tmp_path):
 def test_save_to_disk_directory_is_carved_like_the_hub(tmp_path):
     import datasets
 
-    rows = load_records("pubmedqa", fixture("pubmedqa.jsonl"))
+    rows = sorted(every_split("pubmedqa", fixture("pubmedqa.jsonl")), key=lambda r: r["pubid"])
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path)
     test = load_records("pubmedqa", str(tmp_path), "test")
-    assert [r["pubid"] for r in test] == [rows[i]["pubid"] for i in TASKS["pubmedqa"].carve.indices(6, "test")]
+    assert [r["pubid"] for r in test] == [
+        rows[i]["pubid"] for i in TASKS["pubmedqa"].carve.indices(6, "test")
+    ]

@@ -254,3 +254,34 @@ def test_quick_grid_runs_scores_and_resumes(tmp_path: Path, capsys: pytest.Captu
     assert main([*args, "--methods", "lora", "--set", TINY]) == 0
     resumed = json.loads((out / "lora/seed_0/results.json").read_text())
     assert resumed["resumed_from"].endswith("last.ckpt") and resumed["global_step"] == 3
+
+
+def test_base_scoring_of_a_method_without_an_off_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full fine-tuning cannot switch its adapter off: untrained, it *is* the base model and is
+    scored as it is; trained, asking for its base is an error, not a silent wrong number."""
+    import types
+
+    import medmoe.callbacks.scoring as scoring
+    from medmoe.experiments import EvalSettings, score_trained
+
+    class Scorer:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def present(self, trainer, tasks, owner):
+            return list(tasks)
+
+        def score(self, trainer, module, task, base=False):
+            if base:
+                raise NotImplementedError("no off switch")
+            return {"accuracy": 0.5}
+
+        def primary(self, task, values):
+            return values["accuracy"]
+
+    monkeypatch.setattr(scoring, "TaskScorer", Scorer)
+    settings = EvalSettings(tasks=("mmlu",))
+    untrained = types.SimpleNamespace(global_step=0)
+    assert score_trained(untrained, None, settings, base=True)["scores"] == {"mmlu": 0.5}
+    with pytest.raises(NotImplementedError):
+        score_trained(types.SimpleNamespace(global_step=5), None, settings, base=True)

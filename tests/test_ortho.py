@@ -23,15 +23,6 @@ TASK_IDS = torch.tensor([0, 1, 2, 2, 0, 1])
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP stalls (bmm) on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 MOE = dict(allowed_ranks=[2, 4, 8], layer_ranges={"1-2": 2, "3-4": 3}, dropout=0.0)
 
 

@@ -127,7 +127,18 @@ class MedMoEModule(LightningModule):
         base = self._load_base()
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(base)
+        expected_tasks = getattr(self.adapter, "num_tasks", None)
+        if (
+            expected_tasks is not None
+            and self.task_names
+            and expected_tasks != len(self.task_names)
+        ):
+            raise ValueError(
+                f"{type(self.adapter).__name__}.num_tasks={expected_tasks} but the data has "
+                f"{len(self.task_names)} tasks {self.task_names}: one adapter per task id"
+            )
         self.model = self.adapter.apply(base)
+        self.model.train(self.training)  # from_pretrained returns eval mode: follow the module
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELoRALinear)]
         if self.hparams.gradient_projection == "ortho":
             if _is_deepspeed(self._trainer):

@@ -330,18 +330,7 @@ def build_adapter_model(tensors: Mapping[str, Tensor], config: MoELoRAConfig) ->
             d_out, _ = tensors[f"{prefix}.lora_B"].shape
             d_in = tensors[f"{prefix}.lora_A"].shape[1]
             base = nn.Linear(d_in, d_out, bias=False, device="meta")
-            layer = MoELoRALinear(
-                base,
-                ranks[index],
-                num_base_experts=config.num_base_experts,
-                top_k=config.top_k,
-                alpha_over_r=config.alpha_over_r,
-                alpha=config.alpha,
-                tau_init=config.tau_init,
-                learn_tau=config.learn_tau,
-                tau_range=config.tau_range,
-                dropout=config.dropout,
-            )
+            layer = MoELoRALinear(base, ranks[index], **config.layer_kwargs())
             for name in ("lora_A", "lora_B", "router.weight", "log_tau"):
                 key = f"{prefix}.{name}"
                 if key not in tensors:

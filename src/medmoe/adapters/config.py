@@ -147,6 +147,19 @@ class MoELoRAConfig(AdapterSpec):
             for n in self.layer_expert_counts(num_layers)
         ]
 
+    def layer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`MoELoRALinear` shared by every adapted layer."""
+        return {
+            "num_base_experts": self.num_base_experts,
+            "top_k": self.top_k,
+            "alpha_over_r": self.alpha_over_r,
+            "alpha": self.alpha,
+            "tau_init": self.tau_init,
+            "learn_tau": self.learn_tau,
+            "tau_range": self.tau_range,
+            "dropout": self.dropout,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -35,12 +35,17 @@ def _linear_names(layer: nn.Module) -> list[str]:
     )
 
 
-def apply_moe_lora(model: nn.Module, config: MoELoRAConfig) -> list[MoELoRALinear]:
+def apply_moe_lora(
+    model: nn.Module,
+    config: MoELoRAConfig,
+    layer_cls: type[MoELoRALinear] = MoELoRALinear,
+) -> list[MoELoRALinear]:
     """Adapt ``config.target_modules`` of every decoder layer with that layer's experts.
 
     Layer ``l`` gets ``N_l`` experts (``config.layer_expert_counts``) with ranks from
     ``config.layer_ranks``. Everything but the adapters is frozen. Works in place and returns the
     new layers in model order. The config is kept on the model as ``model.medmoe_config``.
+    ``layer_cls`` may be a subclass of :class:`MoELoRALinear` (e.g. with another gate).
     """
     if any(isinstance(m, MoELoRALinear) for m in model.modules()):
         raise ValueError("the model already carries MoE-LoRA layers; apply_moe_lora works once")
@@ -63,18 +68,7 @@ def apply_moe_lora(model: nn.Module, config: MoELoRAConfig) -> list[MoELoRALinea
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            moe = MoELoRALinear(
-                module,
-                ranks,
-                num_base_experts=config.num_base_experts,
-                top_k=config.top_k,
-                alpha_over_r=config.alpha_over_r,
-                alpha=config.alpha,
-                tau_init=config.tau_init,
-                learn_tau=config.learn_tau,
-                tau_range=config.tau_range,
-                dropout=config.dropout,
-            )
+            moe = layer_cls(module, ranks, **config.layer_kwargs())
             setattr(parent, child, moe)
             adapted.append(moe)
     setattr(model, CONFIG_ATTRIBUTE, config)

@@ -156,21 +156,20 @@ class MoELoRALinear(nn.Module):
         stop = start + self.ranks[i]
         return self.lora_A[start:stop], self.lora_B[:, start:stop]
 
-    def router_probs(self, x: Tensor) -> Tensor:
-        """``softmax(W_g x / tau)`` before any top-k (eq 3): [..., N].
-
-        Computed in float32 for half-precision models and under autocast (float64 stays
-        float64).
-        """
+    def router_logits(self, x: Tensor) -> Tensor:
+        """``W_g x``: [..., N], in float32 for half-precision models and under autocast."""
         with torch.autocast(x.device.type, enabled=False):
             if x.dtype in (torch.float32, torch.float64):
-                logits = F.linear(x, self.router.weight.to(x.dtype))
-            else:
-                logits = _Float32Linear.apply(x, self.router.weight)
-            return self._softmax(logits)
+                return F.linear(x, self.router.weight.to(x.dtype))
+            return _Float32Linear.apply(x, self.router.weight)
 
-    def _softmax(self, logits: Tensor) -> Tensor:
+    def probs_from_logits(self, logits: Tensor) -> Tensor:
+        """``softmax(logits / tau)`` (eq 3). Override to try another gating function."""
         return torch.softmax(logits / self.tau.to(logits.dtype), dim=-1)
+
+    def router_probs(self, x: Tensor) -> Tensor:
+        """The router's distribution over experts before any top-k: [..., N]."""
+        return self.probs_from_logits(self.router_logits(x))
 
     def gates_from_probs(self, probs: Tensor) -> Tensor:
         """Apply top-k (keep the k largest, renormalise) if configured: [..., N] -> [..., N]."""
@@ -220,7 +219,7 @@ class MoELoRALinear(nn.Module):
             # Router and A read the same float32 x: one matmul for both, [..., sum r + N]
             fused = F.linear(x, torch.cat([self.lora_A, self.router.weight]))
             hidden, logits = fused.split([self.total_rank, self.num_experts], dim=-1)
-            probs = self._softmax(logits)
+            probs = self.probs_from_logits(logits)
         else:
             hidden = F.linear(expert_input, self.lora_A)  # [..., sum r]
             probs = self.router_probs(x)  # [..., N]
@@ -232,8 +231,12 @@ class MoELoRALinear(nn.Module):
         return out + F.linear(hidden * slot_weights.to(hidden.dtype), self.lora_B)
 
     def _can_fuse_router(self, x: Tensor, expert_input: Tensor) -> bool:
+        overridden = type(self).router_logits is not MoELoRALinear.router_logits or (
+            type(self).router_probs is not MoELoRALinear.router_probs
+        )
         return (
-            expert_input is x  # no dropout on the expert path
+            not overridden
+            and expert_input is x  # no dropout on the expert path
             and x.dtype == torch.float32
             and self.lora_A.dtype == self.router.weight.dtype == torch.float32
             and not torch.is_autocast_enabled(x.device.type)

@@ -11,21 +11,19 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from medmoe.adapters.config import LLAMA_TARGETS
 from medmoe.adapters.inject import decoder_layers
 from medmoe.adapters.spec import AdapterSpec
+from medmoe.adapters.state import write_adapter_files
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -158,26 +156,6 @@ class TaskRouting:
     def _after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         if not self.pinned and not torch.is_grad_enabled():
             self.set(None)
-
-
-def _write_adapter(directory: Path, tensors: dict[str, Tensor], config: dict[str, Any]) -> None:
-    """Write weights + config into a staging folder, then swap it in whole."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        save_file(tensors, staging / ADAPTER_WEIGHTS)
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 @dataclass
@@ -329,7 +307,9 @@ class MultiLoRA(AdapterSpec):
             tensors[f"{name}.lora_A"] = layer.lora_A.detach().contiguous().cpu()
             tensors[f"{name}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
         directory = Path(directory)
-        _write_adapter(directory, tensors, {"method": METHOD, "config": dataclasses.asdict(self)})
+        write_adapter_files(
+            directory, tensors, {"method": METHOD, "config": dataclasses.asdict(self)}
+        )
         return directory
 
     def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:

@@ -38,18 +38,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
-
-    The files are written into a temporary sibling folder first and swapped in whole, so a
-    failure part-way never replaces a good adapter with a partial one.
-    """
+    """Write the model's MoE-LoRA tensors and config into ``directory`` (atomically)."""
     config: MoELoRAConfig | None = getattr(model, CONFIG_ATTRIBUTE, None)
     if config is None:
         raise ValueError("the model carries no MoE-LoRA config: call apply_moe_lora first")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     description = {"medmoe_config": config.to_dict(), "metadata": metadata or {}}
+    return write_adapter_files(directory, tensors, description)
+
+
+def write_adapter_files(
+    directory: str | os.PathLike, tensors: dict[str, Tensor], description: dict[str, Any]
+) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``directory``, whole.
+
+    Both files go into a temporary sibling folder that is swapped in at the end, so a failure
+    part-way never replaces a good adapter with a partial one.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(tensors, staging / ADAPTER_WEIGHTS)

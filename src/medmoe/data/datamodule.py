@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -71,7 +71,7 @@ class TaskConfig:
 
 def _as_config(entry: TaskConfig | dict[str, Any] | str) -> TaskConfig:
     if isinstance(entry, TaskConfig):
-        return entry
+        return replace(entry)  # a copy: defaults are shared module constants
     if isinstance(entry, str):
         return TaskConfig(name=entry)
     return TaskConfig(**entry)

@@ -7,8 +7,11 @@ Source specs:
   ``train`` (also under the task's train split name), ``validation`` and ``test``.
 - an existing local path, loaded through ``datasets`` (``json`` / ``csv`` / ``parquet``):
 
-  * a file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``) holds the records of the split asked
-    for, whatever that split is called;
+  * a file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``) holds one split: the split asked
+    for, except that splits the task carves (:class:`medmoe.data.tasks.Carve`) are carved from
+    it as from the hub's (a single MIMIC-III export or ``pqa_labeled`` copy gives disjoint
+    train / validation / test; a MedQA file asked for ``validation`` gives 5% of it and
+    ``train`` the rest, asked for ``test`` all of it);
   * a directory holds one file (or ``NAME-*`` shards) per split, named after it
     (``train.jsonl``, ``validation.csv``, ``test-00000.parquet``), or is a ``save_to_disk``
     copy of the hub dataset; splits it lacks are carved as the task says
@@ -56,14 +59,14 @@ def load_records(
     path = Path(source).expanduser()
     if path.exists():
         return _load_local(task, path, split, fields)
-    if path.suffix in BUILDERS or source.startswith((".", "/", "~")):
+    if path.suffix in BUILDERS or source.startswith((".", "/", "~")) or source.endswith("/"):
         raise FileNotFoundError(f"dataset file {source} for task {task.name!r} does not exist")
     return _load_hub(task, source, split, fields)
 
 
 def _load_local(task: Task, path: Path, split: str, fields: dict[str, str]) -> list[Record]:
     if path.is_file():
-        return _load_file(task, path, fields)
+        return _one_split(task, _load_file(task, path, fields), split)
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return _load_saved(task, path, split, fields)
     by_split = _split_files(path)
@@ -109,7 +112,7 @@ def _load_saved(task: Task, path: Path, split: str, fields: dict[str, str]) -> l
 
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.Dataset):
-        return _validate(task, saved.to_list(), str(path), fields, None)
+        return _one_split(task, _validate(task, saved.to_list(), str(path), fields, None), split)
     upstream, part = task.resolve_split(split, list(saved))
     rows = saved[upstream].to_list()
     return _carve(task, _validate(task, rows, f"{path}:{upstream}", fields, None), part)
@@ -151,6 +154,13 @@ def _validate(
             raise ValueError(f"{where}, line {line}: {err} (task {task.name!r})") from None
         records.append(record)
     return records
+
+
+def _one_split(task: Task, records: list[Record], split: str) -> list[Record]:
+    """Records of a source with a single split: carved if the task carves ``split``."""
+    carve = task.carve
+    carved = carve is not None and (split in carve.parts or split == carve.source)
+    return _carve(task, records, split if carved else None)
 
 
 def _carve(task: Task, records: list[Record], part: str | None) -> list[Record]:

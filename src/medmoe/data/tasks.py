@@ -49,7 +49,8 @@ class Carve:
     """Split ``source`` by a seeded permutation: the first ``fractions`` go to the named splits.
 
     What is left keeps the name ``source``. Carving applies only when none of the carved splits
-    exists upstream.
+    exists upstream. Each carved split gets at least one record when there are more records
+    than splits (tiny local files stay usable).
     """
 
     source: str
@@ -66,7 +67,7 @@ class Carve:
         random.Random(self.seed).shuffle(order)
         start = 0
         for name, fraction in self.fractions:
-            size = round(fraction * n)
+            size = max(1, round(fraction * n)) if n > len(self.fractions) else 0
             if name == part:
                 return sorted(order[start : start + size])
             start += size
@@ -254,13 +255,15 @@ class MMLUTask(Task):
         choices, answer = record["choices"], record["answer"]
         if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
             raise RecordError("choices", f"field 'choices' must be a list of 2-8, got {choices!r}")
-        if isinstance(answer, bool) or not isinstance(answer, int) or answer >= len(choices):
+        if (
+            isinstance(answer, bool)
+            or not isinstance(answer, int)
+            or not 0 <= answer < len(choices)
+        ):
             raise RecordError(
                 "answer",
                 f"field 'answer' has value {answer!r}; accepted: an int in 0..{len(choices) - 1}",
             )
-        if answer < 0:
-            raise RecordError("answer", f"field 'answer' has value {answer!r}; accepted: 0..3")
 
     def format(self, record: Record) -> tuple[str, str]:
         return prompt_mc(record["question"], record["choices"]), f" {LETTERS[record['answer']]}"

@@ -108,6 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _split(args.methods), None if seeds is None else [int(s) for s in seeds]
         )
         extra = _overrides(args.sets)
+        if args.jobs < 1 or (args.threads is not None and args.threads < 0):
+            raise GridError(
+                f"--jobs must be >= 1 and --threads >= 0, got {args.jobs}, {args.threads}"
+            )
+        if args.in_process and args.jobs > 1:
+            raise GridError("--in-process runs one at a time: drop --jobs or the --in-process flag")
     except (FileNotFoundError, GridError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
