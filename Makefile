@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# DeepSpeed builds against the installed torch (its ops compile lazily, on first use)
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.14"
 	touch $@
 
 install: $(VENV)/.installed
