@@ -239,3 +239,17 @@ def test_grid_files_load(grid: Path) -> None:
     for path in (*loaded.base, *(c for m in loaded.methods for c in m.configs)):
         assert path.is_file()
     assert loaded.quick().methods
+
+
+def test_the_console_entry_point_exits_zero(tmp_path):
+    import subprocess
+
+    # the installed console script, which exits with what main() returns
+    command = [str(Path(sys.executable).parent / "medmoe"), "fit", "--config", "configs/demo.yaml"]
+    command += ["--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.logger=false"]
+    command += ["--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
+    command += [f"--trainer.default_root_dir={tmp_path}"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -20,8 +20,8 @@ class MedMoECLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> MedMoECLI:
-    """Entry point of ``medmoe`` and ``python -m medmoe``."""
+def run_cli(args: list[str] | None = None) -> MedMoECLI:
+    """Run ``medmoe`` with ``args`` (default: the command line) and return the CLI object."""
     return MedMoECLI(
         MedMoEModule,
         MultiTaskDataModule,
@@ -30,3 +30,8 @@ def main(args: list[str] | None = None) -> MedMoECLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``medmoe`` and ``python -m medmoe`` (exit status 0 on success)."""
+    run_cli(args)

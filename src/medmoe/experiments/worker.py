@@ -156,7 +156,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     import torch
 
     from medmoe.adapters import parameter_counts
-    from medmoe.cli import main
+    from medmoe.cli import run_cli
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -170,7 +170,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     argv = sys.argv
     sys.argv = ["medmoe"]  # the arguments are `args`: LightningCLI must not read the runner's
     try:
-        cli = main(args)
+        cli = run_cli(args)
     finally:
         sys.argv = argv
     fit_seconds, fit_cpu = time.perf_counter() - began, time.process_time() - cpu_began
