@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from medmoe.adapters.config import LLAMA_TARGETS
 from medmoe.adapters.inject import decoder_layers
 from medmoe.adapters.spec import AdapterSpec
-from medmoe.adapters.state import write_adapter_files
+from medmoe.adapters.state import copy_matching_tensors, write_adapter_files
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -332,23 +332,9 @@ class MultiLoRA(AdapterSpec):
                 )
         if not multi_lora_layers(model):
             self.apply(model)
-        saved = load_file(weights_path)
         current = {}
         for name, layer in multi_lora_layers(model):
             current[f"{name}.lora_A"] = layer.lora_A
             current[f"{name}.lora_B"] = layer.lora_B
-        if set(saved) != set(current):
-            raise ValueError(
-                f"{weights_path} does not match the model: missing "
-                f"{sorted(set(current) - set(saved))[:5]}, unexpected "
-                f"{sorted(set(saved) - set(current))[:5]}"
-            )
-        with torch.no_grad():
-            for key, target in current.items():
-                if target.shape != saved[key].shape:
-                    raise ValueError(
-                        f"{weights_path}: {key} has shape {tuple(saved[key].shape)}, the model "
-                        f"expects {tuple(target.shape)}"
-                    )
-                target.copy_(saved[key])
+        copy_matching_tensors(current, load_file(weights_path), weights_path)
         return model

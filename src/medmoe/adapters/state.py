@@ -99,13 +99,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRA
     weights_path = directory / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"no adapter weights at {weights_path}")
-    saved = load_file(weights_path)
-    current = adapter_state_dict(model)
+    copy_matching_tensors(adapter_state_dict(model), load_file(weights_path), weights_path)
+    return [layer for _, layer in moe_lora_layers(model)]
+
+
+def copy_matching_tensors(
+    current: dict[str, Tensor], saved: dict[str, Tensor], source: str | os.PathLike
+) -> None:
+    """Copy ``saved`` into the model's ``current`` tensors; names and shapes must match exactly.
+
+    Missing, unexpected or misshapen tensors raise ValueError naming ``source`` and the keys.
+    """
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
     if missing or unexpected:
         raise ValueError(
-            f"{weights_path} does not match the model: missing {missing[:5]}"
+            f"{source} does not match the model: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}"
         )
@@ -113,10 +122,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRA
         for key, target in current.items():
             if target.shape != saved[key].shape:
                 raise ValueError(
-                    f"{weights_path}: {key} has shape {tuple(saved[key].shape)}, the model expects {tuple(target.shape)}"
+                    f"{source}: {key} has shape {tuple(saved[key].shape)}, the model expects "
+                    f"{tuple(target.shape)}"
                 )
             target.copy_(saved[key])
-    return [layer for _, layer in moe_lora_layers(model)]
 
 
 @contextmanager
