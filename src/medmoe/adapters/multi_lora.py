@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from medmoe.adapters.config import LLAMA_TARGETS
 from medmoe.adapters.inject import decoder_layers
 from medmoe.adapters.spec import AdapterSpec
-from medmoe.adapters.state import copy_matching_tensors, write_adapter_files
+from medmoe.adapters.state import adapters_disabled, copy_matching_tensors, write_adapter_files
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -287,15 +287,8 @@ class MultiLoRA(AdapterSpec):
 
     @contextmanager
     def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
-        layers = [layer for _, layer in multi_lora_layers(model)]
-        previous = [layer.adapter_enabled for layer in layers]
-        for layer in layers:
-            layer.adapter_enabled = False
-        try:
+        with adapters_disabled(model):
             yield model
-        finally:
-            for layer, enabled in zip(layers, previous, strict=True):
-                layer.adapter_enabled = enabled
 
     def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
         """``adapter_model.safetensors`` (every layer's stacked A and B) + ``adapter_config.json``."""

@@ -130,8 +130,9 @@ def copy_matching_tensors(
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: every MoE-LoRA layer returns ``W0 x`` alone inside the block."""
-    layers = [layer for _, layer in moe_lora_layers(model)]
+    """Run the base model: every adapter layer (MoE-LoRA, multi-LoRA: anything with an
+    ``adapter_enabled`` switch) returns ``W0 x`` alone inside the block."""
+    layers = [m for m in model.modules() if hasattr(m, "adapter_enabled")]
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
         layer.adapter_enabled = False
