@@ -74,7 +74,9 @@ class TaskScorer:
     ``eval_examples(task, split, limit)``; the task's metric comes from the task registry.
     Methods with one adapter per task (an adapter with ``task_context``) score each task with
     its own adapter.
-    Few-shot demonstrations are the first ``shots`` examples of ``shot_split``'s fixed subset.
+    Few-shot demonstrations are the first ``shots`` examples of ``shot_split``'s fixed subset
+    (default: the split the task trains on, e.g. MMLU's ``auxiliary_train``, which real MMLU
+    has where it has no ``train``).
     Examples are fetched once per (datamodule, task, split). Every rank scores the same examples (safe
     under any strategy); loggers write on rank zero.
     """
@@ -84,7 +86,7 @@ class TaskScorer:
     batch_size: int = 16
     max_new_tokens: int = 128
     shots: int = 0
-    shot_split: str = "train"
+    shot_split: str | None = None
     _examples: dict[tuple[int, str, str, int | None], list[Any]] = field(
         default_factory=dict, init=False, repr=False
     )
@@ -108,6 +110,12 @@ class TaskScorer:
             )
         return [t for t in tasks if t in known]
 
+    def _shot_split(self, trainer: Trainer, task: str) -> str:
+        if self.shot_split is not None:
+            return self.shot_split
+        train_split = getattr(trainer.datamodule, "train_split", None)
+        return train_split(task) if train_split is not None else "train"
+
     def _fetch(self, trainer: Trainer, task: str, split: str, limit: int | None) -> list[Any]:
         key = (id(trainer.datamodule), task, split, limit)
         if key not in self._examples:
@@ -126,7 +134,10 @@ class TaskScorer:
         metric = task_metric(task)
         examples = self._fetch(trainer, task, self.split, self.limit)
         shots = (
-            [_shot_pair(ex) for ex in self._fetch(trainer, task, self.shot_split, self.shots)]
+            [
+                _shot_pair(ex)
+                for ex in self._fetch(trainer, task, self._shot_split(trainer, task), self.shots)
+            ]
             if self.shots > 0
             else []
         )

@@ -188,11 +188,16 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     # --- records ------------------------------------------------------------------------------
 
+    def train_split(self, name: str) -> str:
+        """The split task ``name`` trains on (e.g. ``auxiliary_train`` for MMLU)."""
+        cfg = self.configs[self.task_id(name)]
+        return cfg.split or cfg.task.train_split
+
     def records(self, name: str, split: str | None = None) -> list[Record]:
         """All records of task ``name``'s ``split`` (default: its eval split), loaded once."""
         cfg = self.configs[self.task_id(name)]
         split = split or cfg.eval_split or cfg.task.eval_split
-        train_split = cfg.split or cfg.task.train_split
+        train_split = self.train_split(name)
         source = cfg.source if split == train_split else (cfg.eval_source or cfg.source)
         if (name, split) not in self._records:
             self._records[name, split] = load_records(cfg.task, source, split, cfg.field_map)
