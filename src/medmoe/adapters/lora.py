@@ -18,6 +18,18 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 BIASES = ("none", "all", "lora_only")
 
 
+def check_lora_fields(r: int, lora_alpha: float, dropout: float, target_modules: list[str]) -> None:
+    """ValueError naming the field, its value and what is accepted, for LoRA hyper-parameters."""
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be an integer >= 1, got {r!r}")
+    if not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+    if not target_modules:
+        raise ValueError("target_modules must name at least one linear layer, got []")
+
+
 def _peft_model(model: nn.Module, action: str) -> nn.Module:
     from peft import PeftModel
 
@@ -49,14 +61,7 @@ class LoRA(AdapterSpec):
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not self.target_modules:
-            raise ValueError("target_modules must name at least one linear layer, got []")
+        check_lora_fields(self.r, self.lora_alpha, self.dropout, self.target_modules)
         if self.bias not in BIASES:
             raise ValueError(f"bias must be one of {', '.join(BIASES)}, got {self.bias!r}")
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from medmoe.adapters.config import LLAMA_TARGETS
 from medmoe.adapters.inject import decoder_layers
+from medmoe.adapters.lora import check_lora_fields
 from medmoe.adapters.spec import AdapterSpec
 from medmoe.adapters.state import adapters_disabled, copy_matching_tensors, write_adapter_files
 
@@ -198,14 +199,7 @@ class MultiLoRA(AdapterSpec):
             raise ValueError("num_tasks is required (or give task_names): got neither")
         if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
             raise ValueError(f"num_tasks must be an integer >= 1, got {self.num_tasks!r}")
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if not self.target_modules:
-            raise ValueError("target_modules must name at least one linear layer, got []")
+        check_lora_fields(self.r, self.lora_alpha, self.dropout, self.target_modules)
 
     def task_index(self, name: str) -> int:
         """The task id of ``name`` (needs ``task_names``)."""
