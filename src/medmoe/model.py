@@ -6,27 +6,22 @@ import importlib
 import math
 import random
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    get_cosine_schedule_with_warmup,
-)
+from transformers import get_cosine_schedule_with_warmup
 
-from medmoe.adapters import MoELoRALinear, enable_gradient_checkpointing
-from medmoe.adapters.spec import AdapterSpec
+from medmoe.adapters import MoELoRAConfig, MoELoRALinear, enable_gradient_checkpointing
+from medmoe.adapters.med_moe_lora import adapter_spec
+from medmoe.adapters.spec import AdapterConfig, AdapterSpec
+from medmoe.base_model import DTYPES, load_base_model
+from medmoe.data.collate import IGNORE_INDEX
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
-
-IGNORE_INDEX = -100
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from medmoe.optimization import is_deepspeed, optimizer_class, parameter_groups
 
 
 class MedMoEModule(LightningModule):
@@ -40,7 +35,10 @@ class MedMoEModule(LightningModule):
             clinic's shipped base. Ignored when ``tiny_llama`` is given.
         tiny_llama: ``LlamaConfig`` keyword arguments to build a random tiny Llama (tests);
             its ``vocab_size`` defaults to the data's.
-        adapter: the fine-tuning method (``class_path`` in YAML). Default: Med-MoE-LoRA.
+        adapter: the fine-tuning method (``class_path`` in YAML): an
+            :class:`~medmoe.adapters.spec.AdapterSpec`, or an ``AdapterConfig`` such as
+            :class:`~medmoe.adapters.MoELoRAConfig`, which selects Med-MoE-LoRA
+            (:func:`~medmoe.adapters.med_moe_lora.adapter_spec`). Default: Med-MoE-LoRA.
         vocab_size: the tokenizer's vocabulary size (linked from the data by the CLI).
         task_names: task names by task id (linked from the data), for per-task logging.
         torch_dtype: dtype the base model is loaded in.
@@ -69,7 +67,7 @@ class MedMoEModule(LightningModule):
         self,
         model_name_or_path: str | None = "toy",
         tiny_llama: dict[str, Any] | None = None,
-        adapter: AdapterSpec | None = None,
+        adapter: AdapterSpec | AdapterConfig | None = None,
         vocab_size: int | None = None,
         task_names: list[str] | None = None,
         torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -100,17 +98,15 @@ class MedMoEModule(LightningModule):
             raise ValueError(
                 f"gradient_projection must be 'none' or 'ortho', got {gradient_projection!r}"
             )
-        if torch_dtype not in _DTYPES:
-            raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(_DTYPES)}")
+        if torch_dtype not in DTYPES:
+            raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(DTYPES)}")
         if adapter is None:
-            from medmoe.adapters import MoELoRAConfig
-
             adapter = MoELoRAConfig()
         elif isinstance(adapter, Mapping):  # a checkpoint's hparams: {"class_path": ..., ...}
             adapter = _instantiate(adapter)
         self.save_hyperparameters(ignore=["adapter"])
         self.hparams["adapter"] = {"class_path": _class_path(adapter), "init_args": vars(adapter)}
-        self.adapter = adapter
+        self.adapter: AdapterSpec = adapter_spec(adapter)
         self.task_names = list(task_names or [])
         self.model: nn.Module | None = None
         self.moe_layers: list[MoELoRALinear] = []
@@ -124,7 +120,13 @@ class MedMoEModule(LightningModule):
         """Build the base model and apply the adapter; a no-op once built (DeepSpeed-safe)."""
         if self.model is not None:
             return
-        base = self._load_base()
+        base = load_base_model(
+            self.hparams.model_name_or_path,
+            self.hparams.tiny_llama,
+            vocab_size=self.hparams.vocab_size,
+            torch_dtype=self.hparams.torch_dtype,
+            attn_implementation=self.hparams.attn_implementation,
+        )
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(base)
         expected_tasks = getattr(self.adapter, "num_tasks", None)
@@ -141,7 +143,7 @@ class MedMoEModule(LightningModule):
         self.model.train(self.training)  # from_pretrained returns eval mode: follow the module
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELoRALinear)]
         if self.hparams.gradient_projection == "ortho":
-            if _is_deepspeed(self._trainer):
+            if self._trainer is not None and is_deepspeed(self._trainer.strategy):
                 raise ValueError(
                     "gradient_projection='ortho' does not work under the DeepSpeed strategy: "
                     "ZeRO moves gradients into its own buffers during backward, so the "
@@ -156,35 +158,6 @@ class MedMoEModule(LightningModule):
             self.ortho = OrthoLoRA(
                 self.model, len(self.task_names), order=self.hparams.projection_order
             )
-
-    def _load_base(self) -> nn.Module:
-        dtype = _DTYPES[self.hparams.torch_dtype]
-        if self.hparams.tiny_llama is not None:
-            values = dict(self.hparams.tiny_llama)
-            if self.hparams.vocab_size is not None:
-                values.setdefault("vocab_size", self.hparams.vocab_size)
-            config = LlamaConfig(**values)
-            if self.hparams.attn_implementation:
-                config._attn_implementation = self.hparams.attn_implementation
-            return LlamaForCausalLM(config).to(dtype)
-        path = self.hparams.model_name_or_path
-        if path == "toy":
-            from medmoe.data import toy_base_path
-
-            path = str(toy_base_path())
-        elif Path(path).expanduser().exists():
-            path = str(Path(path).expanduser())
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if self.hparams.attn_implementation:
-            kwargs["attn_implementation"] = self.hparams.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        vocab = self.hparams.vocab_size
-        if vocab is not None and vocab > model.get_input_embeddings().num_embeddings:
-            raise ValueError(
-                f"the tokenizer has {vocab} tokens but {path} embeds only "
-                f"{model.get_input_embeddings().num_embeddings}: pair the model with its tokenizer"
-            )
-        return model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -321,18 +294,9 @@ class MedMoEModule(LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            exempt = param.ndim < 2 or "router" in name or "log_tau" in name
-            (no_decay if exempt else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        optimizer = self._optimizer_class()(
-            [g for g in groups if g["params"]],
+        groups = parameter_groups(self.adapter, self.model, self.hparams.weight_decay)
+        optimizer = optimizer_class(self._trainer.strategy if self._trainer else None)(
+            groups,
             lr=self.hparams.learning_rate,
             betas=tuple(self.hparams.betas),
         )
@@ -344,22 +308,11 @@ class MedMoEModule(LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-    def _optimizer_class(self) -> type[torch.optim.Optimizer]:
-        """AdamW; DeepSpeed's CPU AdamW when ZeRO offloads the optimizer (it refuses torch's)."""
-        if _is_deepspeed(self._trainer):
-            zero = self.trainer.strategy.config.get("zero_optimization", {})
-            if zero.get("offload_optimizer"):
-                from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-                return DeepSpeedCPUAdam
-        return torch.optim.AdamW
-
     # ----------------------------------------------------------------- checkpoints
     def trainable_state_keys(self) -> set[str]:
-        """State-dict keys a checkpoint keeps: trainable parameters and adapter buffers."""
-        keys = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-        keys |= {f"model.{n}" for n, _ in self.model.named_buffers() if n.endswith("log_tau")}
-        return keys
+        """State-dict keys a checkpoint keeps: the adapter's tensors (the adapter contract,
+        :meth:`~medmoe.adapters.spec.AdapterSpec.adapter_tensors`), nothing of the frozen base."""
+        return {f"model.{name}" for name in self.adapter.adapter_tensors(self.model)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_state_keys()
@@ -381,12 +334,6 @@ class MedMoEModule(LightningModule):
                 f"the checkpoint lacks {len(missing)} trainable tensor(s) of this adapter, e.g. "
                 f"{missing[:3]}: it was written for another adapter configuration"
             )
-
-
-def _is_deepspeed(trainer: Any) -> bool:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
 def _rng_states() -> dict[str, Any]:

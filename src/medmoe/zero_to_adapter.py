@@ -66,7 +66,8 @@ from medmoe.adapters.state import ADAPTER_CONFIG, adapter_state_dict, save_adapt
 MODEL_STATES = "mp_rank_00_model_states.pt"
 MODULE_PREFIX = "model."  # MedMoEModule.model holds the Hugging Face model
 LEGACY_PREFIX = "_forward_module."  # Lightning < 2.1 wrapped the module
-ADAPTER_SUFFIXES = (".lora_A", ".lora_B", ".router.weight", ".log_tau")
+# the tensors each MoE-LoRA layer declares its own (the adapter-layer contract)
+ADAPTER_SUFFIXES = tuple(f".{name}" for name in MoELoRALinear.adapter_tensor_names)
 _DECODER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 __all__ = [
@@ -277,7 +278,8 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _set_tensor(layer: MoELoRALinear, name: str, value: Tensor, key: str) -> None:
-    owner, attribute = (layer.router, "weight") if name == "router.weight" else (layer, name)
+    owner_name, _, attribute = name.rpartition(".")
+    owner = layer.get_submodule(owner_name) if owner_name else layer
     expected = getattr(owner, attribute)
     if value.numel() == 0 and expected.numel() > 0:
         raise ZeroCheckpointError(
@@ -331,7 +333,7 @@ def build_adapter_model(tensors: Mapping[str, Tensor], config: MoELoRAConfig) ->
             d_in = tensors[f"{prefix}.lora_A"].shape[1]
             base = nn.Linear(d_in, d_out, bias=False, device="meta")
             layer = MoELoRALinear(base, ranks[index], **config.layer_kwargs())
-            for name in ("lora_A", "lora_B", "router.weight", "log_tau"):
+            for name in MoELoRALinear.adapter_tensor_names:
                 key = f"{prefix}.{name}"
                 if key not in tensors:
                     raise ZeroCheckpointError(f"the checkpoint lacks {key}")

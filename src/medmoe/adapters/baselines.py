@@ -1,7 +1,7 @@
 """The baselines Med-MoE-LoRA is measured against, each an :class:`AdapterSpec` for YAML.
 
 ``class_path`` values: ``medmoe.adapters.baselines.FullFineTune``, ``...baselines.LoRA``,
-``...baselines.MultiLoRA``; vanilla MoE-LoRA is a :class:`MoELoRAConfig` (see
+``...baselines.MultiLoRA``; vanilla MoE-LoRA is a :class:`~medmoe.adapters.MoELoRAConfig` (see
 :func:`vanilla_moe_lora`), and Ortho-LoRA is a training option
 (``MedMoEModule(gradient_projection="ortho")``) over any LoRA-style adapter, see
 :mod:`medmoe.objectives.projection`.
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from medmoe.adapters.config import MoELoRAConfig
 from medmoe.adapters.full import FullFineTune
 from medmoe.adapters.lora import LoRA
+from medmoe.adapters.med_moe_lora import MoELoRA
 from medmoe.adapters.multi_lora import MultiLoRA, MultiLoRALinear
 
 __all__ = ["FullFineTune", "LoRA", "MultiLoRA", "MultiLoRALinear", "vanilla_moe_lora"]
@@ -21,7 +21,7 @@ __all__ = ["FullFineTune", "LoRA", "MultiLoRA", "MultiLoRALinear", "vanilla_moe_
 
 def vanilla_moe_lora(
     num_experts: int = 8, top_k: int = 2, rank: int = 16, **overrides: Any
-) -> MoELoRAConfig:
+) -> MoELoRA:
     """Vanilla MoE-LoRA: ``num_experts`` equal-rank experts in every layer, top-k routing, no
     base-expert group (so no knowledge-preservation split). ``overrides`` go to the config.
 
@@ -44,4 +44,4 @@ def vanilla_moe_lora(
         layer_ranges=None,
     )
     values.update(overrides)
-    return MoELoRAConfig(**values)
+    return MoELoRA(**values)

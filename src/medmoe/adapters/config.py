@@ -1,16 +1,14 @@
-"""MoELoRAConfig: what Med-MoE-LoRA adapts and how, validated on construction."""
+"""MoELoRAConfig: what Med-MoE-LoRA adapts and how, validated on construction.
+
+Data only, as peft keeps ``LoraConfig`` apart from ``LoraModel``: the method that applies,
+disables, saves and loads it is :class:`medmoe.adapters.med_moe_lora.MoELoRA`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-from torch import nn
 
 from medmoe.adapters.allocation import (
     DEFAULT_ALLOWED_RANKS,
@@ -22,15 +20,21 @@ from medmoe.adapters.allocation import (
     expert_counts,
     uniform_counts,
 )
-from medmoe.adapters.spec import AdapterSpec
+from medmoe.adapters.spec import AdapterConfig
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALLOCATIONS = ("eq2", "ranges", "uniform", "bottom_heavy")
 
 
 @dataclass
-class MoELoRAConfig(AdapterSpec):
+class MoELoRAConfig(AdapterConfig):
     """Med-MoE-LoRA adapter configuration. The defaults are the paper's setup (Sec. 4.1).
+
+    A plain validated dataclass. In YAML, ``class_path: medmoe.adapters.MoELoRAConfig`` selects
+    Med-MoE-LoRA: :class:`~medmoe.model.MedMoEModule` turns the config into its method
+    (:class:`~medmoe.adapters.med_moe_lora.MoELoRA`, which has the same fields) with
+    :func:`~medmoe.adapters.med_moe_lora.adapter_spec`, as ``peft.get_peft_model`` picks the
+    tuner of a ``LoraConfig``.
 
     Attributes:
         target_modules: names (last path component) of the linear layers adapted in every
@@ -170,28 +174,3 @@ class MoELoRAConfig(AdapterSpec):
         if unknown:
             raise ValueError(f"unknown MoELoRAConfig key(s) {unknown}; accepted: {sorted(known)}")
         return cls(**values)
-
-    # ----------------------------------------------------------------- AdapterSpec
-    def apply(self, model: nn.Module) -> nn.Module:
-        from medmoe.adapters.inject import apply_moe_lora
-
-        apply_moe_lora(model, self)
-        return model
-
-    @contextmanager
-    def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
-        from medmoe.adapters.state import adapters_disabled
-
-        with adapters_disabled(model):
-            yield model
-
-    def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
-        from medmoe.adapters.state import save_adapter
-
-        return save_adapter(model, directory)
-
-    def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-        from medmoe.adapters.state import load_adapter
-
-        load_adapter(model, directory)
-        return model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from medmoe.adapters.spec import AdapterSpec
 
@@ -40,6 +40,10 @@ class FullFineTune(AdapterSpec):
 
     def apply(self, model: nn.Module) -> nn.Module:
         return model.requires_grad_(True)
+
+    def adapter_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        """Every parameter: the whole model is the "adapter" (tied weights once)."""
+        return dict(model.named_parameters())
 
     @contextmanager
     def disabled(self, model: nn.Module) -> Iterator[nn.Module]:

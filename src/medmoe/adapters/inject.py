@@ -1,6 +1,9 @@
-"""Put MoE-LoRA layers into a Hugging Face causal LM, in place."""
+"""Put adapter layers into a Hugging Face causal LM, in place: one injection path for every
+method that replaces linear layers (MoE-LoRA, multi-LoRA)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -29,10 +32,50 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def _linear_names(layer: nn.Module) -> list[str]:
+def linear_names(layer: nn.Module) -> list[str]:
+    """The names (last path component) of the linear layers inside one decoder layer."""
     return sorted(
         {name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
     )
+
+
+def check_targets(layers: nn.ModuleList, target_modules: Sequence[str]) -> None:
+    """ValueError naming the decoder layer's real linear layers if a target is not one of them."""
+    available = linear_names(layers[0])
+    unknown = [t for t in target_modules if t not in available]
+    if unknown:
+        raise ValueError(
+            f"target module(s) {unknown} not found in {type(layers[0]).__name__}; "
+            f"its linear layers are: {', '.join(available)}"
+        )
+
+
+def inject_adapter_layers(
+    model: nn.Module,
+    target_modules: Sequence[str],
+    make_layer: Callable[[nn.Linear, int], nn.Module],
+) -> list[nn.Module]:
+    """The one injection path of every method: decoder layers -> target check -> replace.
+
+    Every ``nn.Linear`` of decoder layer ``l`` (0-based) whose name is in ``target_modules`` is
+    replaced by ``make_layer(linear, l)``; everything else is frozen. Works in place and returns
+    the new layers in model order. An unknown target raises (see :func:`check_targets`).
+    """
+    layers = decoder_layers(model)
+    check_targets(layers, target_modules)
+    model.requires_grad_(False)
+    targets = set(target_modules)
+    adapted: list[nn.Module] = []
+    for index, layer in enumerate(layers):
+        for name, module in list(layer.named_modules()):
+            if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            replacement = make_layer(module, index)
+            setattr(parent, child, replacement)
+            adapted.append(replacement)
+    return adapted
 
 
 def apply_moe_lora(
@@ -42,35 +85,20 @@ def apply_moe_lora(
 ) -> list[MoELoRALinear]:
     """Adapt ``config.target_modules`` of every decoder layer with that layer's experts.
 
-    Layer ``l`` gets ``N_l`` experts (``config.layer_expert_counts``) with ranks from
+    Layer ``l`` gets ``N_l`` experts (``config.layer_expert_counts``, eq 2) with ranks from
     ``config.layer_ranks``. Everything but the adapters is frozen. Works in place and returns the
     new layers in model order. The config is kept on the model as ``model.medmoe_config``.
     ``layer_cls`` may be a subclass of :class:`MoELoRALinear` (e.g. with another gate).
     """
     if any(isinstance(m, MoELoRALinear) for m in model.modules()):
         raise ValueError("the model already carries MoE-LoRA layers; apply_moe_lora works once")
-    layers = decoder_layers(model)
-    ranks_per_layer = config.layer_ranks(len(layers))
-    available = _linear_names(layers[0])
-    unknown = [t for t in config.target_modules if t not in available]
-    if unknown:
-        raise ValueError(
-            f"target module(s) {unknown} not found in {type(layers[0]).__name__}; "
-            f"its linear layers are: {', '.join(available)}"
-        )
-
-    model.requires_grad_(False)
-    targets = set(config.target_modules)
-    adapted: list[MoELoRALinear] = []
-    for layer, ranks in zip(layers, ranks_per_layer, strict=True):
-        for name, module in list(layer.named_modules()):
-            if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = layer.get_submodule(parent_name) if parent_name else layer
-            moe = layer_cls(module, ranks, **config.layer_kwargs())
-            setattr(parent, child, moe)
-            adapted.append(moe)
+    ranks_per_layer = config.layer_ranks(len(decoder_layers(model)))
+    kwargs = config.layer_kwargs()
+    adapted = inject_adapter_layers(
+        model,
+        config.target_modules,
+        lambda linear, index: layer_cls(linear, ranks_per_layer[index], **kwargs),
+    )
     setattr(model, CONFIG_ATTRIBUTE, config)
     return adapted
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from medmoe.adapters.config import LLAMA_TARGETS
 from medmoe.adapters.spec import AdapterSpec
+from medmoe.adapters.state import ADAPTER_WEIGHTS
 
-PEFT_WEIGHTS = "adapter_model.safetensors"
 BIASES = ("none", "all", "lora_only")
 
 
@@ -85,6 +85,31 @@ class LoRA(AdapterSpec):
 
         return get_peft_model(model, self.peft_config())
 
+    def adapter_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        """peft's declared LoRA tensors (``adapter_layer_names`` of every tuner layer) and the
+        biases ``bias`` makes trainable (``"all"``: every bias; ``"lora_only"``: the adapted
+        layers' biases), keyed by their ``state_dict`` names."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        modules = list(_peft_model(model, "adapter_tensors").named_modules())
+        tuners = [(n, m) for n, m in modules if isinstance(m, BaseTunerLayer)]
+        tensors: dict[str, Tensor] = {}
+        for name, module in tuners:
+            for attribute in module.adapter_layer_names:
+                for key, param in getattr(module, attribute).named_parameters():
+                    tensors[f"{name}.{attribute}.{key}"] = param
+        if self.bias != "none":
+            bias_owners = (
+                modules
+                if self.bias == "all"
+                else [(f"{n}.base_layer", m.get_base_layer()) for n, m in tuners]
+            )
+            for name, module in bias_owners:
+                bias = dict(module.named_parameters(recurse=False)).get("bias")
+                if bias is not None:
+                    tensors[f"{name}.bias"] = bias
+        return tensors
+
     @contextmanager
     def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
         with _peft_model(model, "disabled").disable_adapter():
@@ -103,7 +128,7 @@ class LoRA(AdapterSpec):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        weights = directory / PEFT_WEIGHTS
+        weights = directory / ADAPTER_WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"no peft adapter weights at {weights}")
         if not isinstance(model, PeftModel):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medmoe.adapters.layer import AdapterLayer
+
 
 class _Float32Linear(torch.autograd.Function):
     """``F.linear(x, weight)`` computed in float32 that saves ``x`` in its own dtype.
@@ -35,7 +37,7 @@ class _Float32Linear(torch.autograd.Function):
         return grad_x, grad_weight
 
 
-class MoELoRALinear(nn.Module):
+class MoELoRALinear(AdapterLayer):
     """``h = W0 x + sum_i g_i(x) * (alpha_i / r_i) * B_i A_i x`` with ``g = softmax(W_g x / tau)``.
 
     Implements eq 1 and eq 4 (experts of different ranks ``r_i``) with the temperature-scaled
@@ -59,6 +61,10 @@ class MoELoRALinear(nn.Module):
         tau_range: ``tau`` is clamped into this closed interval.
         dropout: dropout on the input of the expert path (applied once, shared by all experts).
     """
+
+    # the adapter-layer contract (medmoe.adapters.layer.AdapterLayer)
+    adapter_tensor_names = ("lora_A", "lora_B", "router.weight", "log_tau")
+    no_decay_tensor_names = ("router.weight", "log_tau")
 
     def __init__(
         self,

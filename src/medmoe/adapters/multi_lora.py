@@ -21,18 +21,23 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from medmoe.adapters.config import LLAMA_TARGETS
-from medmoe.adapters.inject import decoder_layers
+from medmoe.adapters.inject import inject_adapter_layers
+from medmoe.adapters.layer import AdapterLayer, layer_adapter_tensors
 from medmoe.adapters.lora import check_lora_fields
 from medmoe.adapters.spec import AdapterSpec
-from medmoe.adapters.state import adapters_disabled, copy_matching_tensors, write_adapter_files
+from medmoe.adapters.state import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapters_disabled,
+    copy_matching_tensors,
+    write_adapter_files,
+)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 METHOD = "MultiLoRA"
 ROUTING_ATTRIBUTE = "medmoe_task_routing"
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus T task-specific LoRAs, the sample's task picking one.
 
     Args:
@@ -45,6 +50,9 @@ class MultiLoRALinear(nn.Module):
     Set the batch's task ids ([B] integers, or a 0-dim tensor: one task for every sample) with
     :meth:`set_task_ids` before the forward; the input's first dimension must be the batch.
     """
+
+    # the adapter-layer contract (medmoe.adapters.layer.AdapterLayer)
+    adapter_tensor_names = ("lora_A", "lora_B")
 
     def __init__(
         self, base: nn.Linear, num_tasks: int, r: int, lora_alpha: float, dropout: float = 0.0
@@ -212,24 +220,13 @@ class MultiLoRA(AdapterSpec):
         """Replace the target linears of every decoder layer by :class:`MultiLoRALinear`."""
         if multi_lora_layers(model):
             raise ValueError("the model already carries multi-LoRA layers; apply works once")
-        layers = decoder_layers(model)
-        targets = set(self.target_modules)
-        model.requires_grad_(False)
-        for layer in layers:
-            for name, module in list(layer.named_modules()):
-                if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
-                    continue
-                parent_name, _, child = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                wrapped = MultiLoRALinear(
-                    module, self.num_tasks, self.r, self.lora_alpha, self.dropout
-                )
-                setattr(parent, child, wrapped)
-        if not multi_lora_layers(model):
-            raise ValueError(
-                f"none of target_modules={self.target_modules} is a linear layer of "
-                f"{type(layers[0]).__name__}"
-            )
+        inject_adapter_layers(
+            model,
+            self.target_modules,
+            lambda linear, index: MultiLoRALinear(
+                linear, self.num_tasks, self.r, self.lora_alpha, self.dropout
+            ),
+        )
         object.__setattr__(model, ROUTING_ATTRIBUTE, TaskRouting(model))
         return model
 
@@ -289,10 +286,9 @@ class MultiLoRA(AdapterSpec):
         layers = multi_lora_layers(model)
         if not layers:
             raise ValueError("the model carries no multi-LoRA layers: call MultiLoRA.apply first")
-        tensors = {}
-        for name, layer in layers:
-            tensors[f"{name}.lora_A"] = layer.lora_A.detach().contiguous().cpu()
-            tensors[f"{name}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
+        tensors = {
+            k: v.detach().contiguous().cpu() for k, v in layer_adapter_tensors(model).items()
+        }
         directory = Path(directory)
         write_adapter_files(
             directory, tensors, {"method": METHOD, "config": dataclasses.asdict(self)}
@@ -319,9 +315,5 @@ class MultiLoRA(AdapterSpec):
                 )
         if not multi_lora_layers(model):
             self.apply(model)
-        current = {}
-        for name, layer in multi_lora_layers(model):
-            current[f"{name}.lora_A"] = layer.lora_A
-            current[f"{name}.lora_B"] = layer.lora_B
-        copy_matching_tensors(current, load_file(weights_path), weights_path)
+        copy_matching_tensors(layer_adapter_tensors(model), load_file(weights_path), weights_path)
         return model

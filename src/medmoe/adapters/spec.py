@@ -3,6 +3,12 @@
 Every method (Med-MoE-LoRA, plain LoRA, multi-LoRA, full fine-tuning, ...) is a subclass of
 :class:`AdapterSpec`, usually a dataclass of its hyper-parameters, selected in YAML by
 ``class_path``. The LightningModule only calls these methods.
+
+Besides applying, switching off, saving and loading, a spec declares which tensors of the adapted
+model are the adapter's (:meth:`AdapterSpec.adapter_tensors`) and which of them are exempt from
+weight decay (:meth:`AdapterSpec.no_decay_names`); by default both come from the model's
+:class:`~medmoe.adapters.layer.AdapterLayer` layers. Checkpoints keep exactly the adapter
+tensors, and the optimizer trains exactly them.
 """
 
 from __future__ import annotations
@@ -13,6 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor, nn
+
+from medmoe.adapters.layer import layer_adapter_tensors, layer_no_decay_names
+
+
+class AdapterConfig:
+    """Base of the hyper-parameter classes that are data only (``MoELoRAConfig``): the method is
+    another class, which :func:`medmoe.adapters.med_moe_lora.adapter_spec` picks for them, as
+    ``peft.get_peft_model`` picks the tuner of a ``PeftConfig``. (Being a plain class, it also
+    makes jsonargparse select its dataclass subclasses by ``class_path`` in YAML.)"""
 
 
 class AdapterSpec:
@@ -38,3 +53,13 @@ class AdapterSpec:
     def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         """Load what :meth:`save` wrote onto ``model`` (adapted by :meth:`apply`)."""
         raise NotImplementedError
+
+    def adapter_tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        """The adapter's tensors in the adapted ``model``, keyed by their ``state_dict`` names:
+        what trains and what a checkpoint keeps. Default: the declared tensors of every
+        :class:`~medmoe.adapters.layer.AdapterLayer`."""
+        return layer_adapter_tensors(model)
+
+    def no_decay_names(self, model: nn.Module) -> set[str]:
+        """Keys of :meth:`adapter_tensors` that AdamW must not decay (routers, temperatures)."""
+        return layer_no_decay_names(model)

@@ -18,21 +18,24 @@ from torch import Tensor, nn
 
 from medmoe.adapters.config import MoELoRAConfig
 from medmoe.adapters.inject import CONFIG_ATTRIBUTE, apply_moe_lora, moe_lora_layers
+from medmoe.adapters.layer import adapter_layers
 from medmoe.adapters.moe_lora import MoELoRALinear
 
+# The file names of every adapter medmoe writes (peft's names, so peft LoRA matches them).
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The MoE-LoRA tensors of the model (A, B, router, log tau), keyed by qualified name."""
-    state = {}
-    for name, layer in moe_lora_layers(model):
-        state[f"{name}.lora_A"] = layer.lora_A
-        state[f"{name}.lora_B"] = layer.lora_B
-        state[f"{name}.router.weight"] = layer.router.weight
-        state[f"{name}.log_tau"] = layer.log_tau
-    return state
+    """The MoE-LoRA tensors of the model (A, B, router, log tau), keyed by qualified name.
+
+    The tensors are what each layer declares (``MoELoRALinear.adapter_tensor_names``).
+    """
+    return {
+        f"{name}.{key}": tensor
+        for name, layer in moe_lora_layers(model)
+        for key, tensor in layer.adapter_tensors().items()
+    }
 
 
 def save_adapter(
@@ -130,9 +133,9 @@ def copy_matching_tensors(
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: every adapter layer (MoE-LoRA, multi-LoRA: anything with an
-    ``adapter_enabled`` switch) returns ``W0 x`` alone inside the block."""
-    layers = [m for m in model.modules() if hasattr(m, "adapter_enabled")]
+    """Run the base model: every adapter layer (:class:`~medmoe.adapters.layer.AdapterLayer`:
+    MoE-LoRA, multi-LoRA) returns ``W0 x`` alone inside the block."""
+    layers = [layer for _, layer in adapter_layers(model)]
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
         layer.adapter_enabled = False
@@ -155,12 +158,12 @@ class ParameterCounts:
 def parameter_counts(model: nn.Module) -> ParameterCounts:
     """Total, trainable and active-per-token trainable parameters.
 
-    Modules that route (anything with ``active_parameter_count()``) report their own active
+    Adapter layers (:class:`~medmoe.adapters.layer.AdapterLayer`) report their own active
     share; every other trainable parameter is active for every token.
     """
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    routed = [m for m in model.modules() if hasattr(m, "active_parameter_count")]
+    routed = [layer for _, layer in adapter_layers(model)]
     routed_params = {id(p) for m in routed for p in m.parameters() if p.requires_grad}
     plain = sum(
         p.numel() for p in model.parameters() if p.requires_grad and id(p) not in routed_params

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from medmoe.data.collate import IGNORE_INDEX
+
 TokenSelection = Literal["all", "target"]
 
 __all__ = [

@@ -15,27 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from medmoe.data.toy_clinic import toy_vocabulary
+from medmoe.data.words import split_words as split_words  # re-exported
+from medmoe.data.words import word_pre_tokenizer
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)
-
-# Whitespace splits words; then "####" (the GSM8K answer marker) and every other punctuation
-# character become tokens of their own.
-_WORD_PATTERN = Regex(r"####|[^\w\s]")
-
-
-def word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    """The pre-tokenizer of :func:`word_level_tokenizer`: whitespace, then punctuation."""
-    return pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(_WORD_PATTERN, "isolated")]
-    )
-
-
-def split_words(text: str) -> list[str]:
-    """Split ``text`` into the words :func:`word_level_tokenizer` sees (no normalisation)."""
-    return [w for w, _ in word_pre_tokenizer().pre_tokenize_str(text)]
 
 
 def _bos_post_processor(bos_id: int) -> processors.PostProcessor:
@@ -93,8 +81,6 @@ def word_level_tokenizer(words: Iterable[str], lowercase: bool = False) -> PreTr
 
 def toy_tokenizer() -> PreTrainedTokenizerFast:
     """The word-level tokenizer over the toy clinic's vocabulary (case-sensitive)."""
-    from medmoe.data.toy_clinic import toy_vocabulary
-
     return word_level_tokenizer(toy_vocabulary())
 
 

@@ -36,8 +36,10 @@ import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from itertools import combinations
-from pathlib import Path
 from typing import Any
+
+from medmoe.assets import toy_base_path as toy_base_path  # re-exported: medmoe.data names it
+from medmoe.data.words import split_words
 
 Record = dict[str, Any]
 
@@ -127,8 +129,6 @@ TEMPLATE_WORDS = "Question : Answer : Context : Note : Summary : A . B . C . D .
 
 def toy_vocabulary() -> list[str]:
     """Every word the toy clinic can emit, in a fixed order (the toy tokenizer's vocabulary)."""
-    from medmoe.data.tokenizers import split_words
-
     texts = [TEMPLATE_WORDS, *ANIMALS, *QUIZ_TEMPLATES.values(), *NAMES, *OBJECTS]
     texts += [v for values in ATTRIBUTES.values() for v in values]
     texts += [*MATH_TEMPLATES, "+ = ####", *(str(n) for n in range(2 * MAX_OPERAND + 1))]
@@ -288,12 +288,6 @@ def _records(
         if "note_id" in record:
             record["note_id"] = f"toy-{split}-{i}"
     return tuple(records)
-
-
-def toy_base_path() -> Path:
-    """The shipped toy base: a tiny Llama trained on the general toy tasks (``from_pretrained``
-    ready; built by ``python -m medmoe.data.build_toy_base``)."""
-    return Path(__file__).resolve().parent / "toy_base"
 
 
 def check_world() -> None:

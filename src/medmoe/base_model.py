@@ -1,0 +1,67 @@
+"""Load the base causal LM a method adapts: a hub id, a local directory, the toy base, or a
+random tiny Llama (tests). No Lightning, no adapters, no data code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from medmoe.assets import toy_base_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOY_BASE = "toy"  # the name that selects the shipped toy base
+
+
+def load_base_model(
+    model_name_or_path: str | None = TOY_BASE,
+    tiny_llama: dict[str, Any] | None = None,
+    *,
+    vocab_size: int | None = None,
+    torch_dtype: str = "float32",
+    attn_implementation: str | None = "sdpa",
+) -> nn.Module:
+    """The base model in ``torch_dtype``.
+
+    Args:
+        model_name_or_path: a hub id, a local model directory, or ``"toy"`` for the shipped toy
+            base. Ignored when ``tiny_llama`` is given.
+        tiny_llama: ``LlamaConfig`` keyword arguments of a random tiny Llama; its
+            ``vocab_size`` defaults to ``vocab_size``.
+        vocab_size: the tokenizer's vocabulary size; a loaded model that embeds fewer tokens is
+            an error.
+        torch_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        attn_implementation: transformers attention backend; ``None`` lets transformers choose.
+    """
+    if torch_dtype not in DTYPES:
+        raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(DTYPES)}")
+    dtype = DTYPES[torch_dtype]
+    if tiny_llama is not None:
+        values = dict(tiny_llama)
+        if vocab_size is not None:
+            values.setdefault("vocab_size", vocab_size)
+        config = LlamaConfig(**values)
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        return LlamaForCausalLM(config).to(dtype)
+    if model_name_or_path is None:
+        raise ValueError("give model_name_or_path (hub id, local dir or 'toy') or tiny_llama")
+    path = model_name_or_path
+    if path == TOY_BASE:
+        path = str(toy_base_path())
+    elif Path(path).expanduser().exists():
+        path = str(Path(path).expanduser())
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    embedded = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and vocab_size > embedded:
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but {path} embeds only {embedded}: pair the "
+            "model with its tokenizer"
+        )
+    return model
