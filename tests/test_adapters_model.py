@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_llama
+from safetensors.torch import load_file
 from torch import nn
 
 from medmoe.adapters import (
     MoELoRAConfig,
     adapter_state_dict,
-    adapters_disabled,
     apply_moe_lora,
     enable_gradient_checkpointing,
     load_adapter,
@@ -20,6 +20,7 @@ from medmoe.adapters import (
     parameter_counts,
     save_adapter,
 )
+from medmoe.adapters.state import ADAPTER_WEIGHTS
 from medmoe.objectives import load_balance_loss, recorded_router_probs
 
 SMALL = dict(allowed_ranks=[2, 4, 8], layer_ranges={"1-2": 2, "3-4": 4}, dropout=0.0)
@@ -42,47 +43,17 @@ def test_layer_plan_follows_the_config(tiny_llama):
     assert tiny_llama.model.layers[3].mlp.down_proj.num_experts == 4
 
 
-def test_initial_logits_equal_base_logits(tiny_llama, token_batch):
-    expected = tiny_llama(**token_batch).logits
-    apply_moe_lora(tiny_llama, MoELoRAConfig(**SMALL))
-    torch.testing.assert_close(tiny_llama(**token_batch).logits, expected, rtol=0, atol=0)
-
-
-def test_only_adapter_parameters_train(tiny_llama):
-    apply_moe_lora(tiny_llama, MoELoRAConfig(**SMALL))
-    trainable = {n.rsplit(".", 1)[-1] for n, p in tiny_llama.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B", "weight", "log_tau"}
-    for name, p in tiny_llama.named_parameters():
-        if p.requires_grad and name.endswith("weight"):
-            assert name.endswith("router.weight"), name
-
-
-def test_disabled_adapters_give_the_base_model(token_batch):
-    base = make_tiny_llama()
-    expected = base(**token_batch).logits
-    model = make_tiny_llama()
-    apply_moe_lora(model, MoELoRAConfig(**SMALL))
-    _perturb_adapters(model)
-    assert not torch.allclose(model(**token_batch).logits, expected)
-    with adapters_disabled(model):
-        torch.testing.assert_close(model(**token_batch).logits, expected, rtol=0, atol=0)
-    assert not torch.allclose(model(**token_batch).logits, expected)
-
-
-def test_save_then_load_onto_a_fresh_base_gives_identical_logits(tmp_path, token_batch):
+def test_save_writes_the_config_and_metadata_and_only_adapter_tensors(tmp_path):
+    # the logits round trip of every method is in tests/test_adapter_contract.py
     model = make_tiny_llama()
     apply_moe_lora(model, MoELoRAConfig(**SMALL, top_k=2))
-    _perturb_adapters(model)
-    expected = model(**token_batch).logits
     save_adapter(model, tmp_path / "adapter", metadata={"step": 7})
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["medmoe_config"]["top_k"] == 2 and config["metadata"] == {"step": 7}
-
     fresh = make_tiny_llama()
     load_adapter(fresh, tmp_path / "adapter")
-    torch.testing.assert_close(fresh(**token_batch).logits, expected, rtol=0, atol=0)
-    # only adapter tensors are in the file
     assert set(adapter_state_dict(fresh)) == set(adapter_state_dict(model))
+    assert set(adapter_state_dict(fresh)) == set(load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS))
 
 
 def test_save_replaces_a_good_adapter_only_when_complete(tmp_path, monkeypatch):

@@ -25,10 +25,15 @@ from typing import ClassVar
 from torch import nn
 
 from medmoe.adapters.config import MoELoRAConfig
-from medmoe.adapters.inject import apply_moe_lora
+from medmoe.adapters.inject import apply_moe_lora, moe_lora_layers
 from medmoe.adapters.moe_lora import MoELoRALinear
 from medmoe.adapters.spec import AdapterConfig, AdapterSpec
-from medmoe.adapters.state import adapters_disabled, load_adapter, save_adapter
+from medmoe.adapters.state import (
+    adapters_disabled,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 
 
 @dataclass
@@ -54,6 +59,10 @@ class MoELoRA(MoELoRAConfig, AdapterSpec):
         return save_adapter(model, directory)
 
     def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+        """Load a saved adapter; a bare base is first adapted with the file's config and this
+        method's ``layer_cls``."""
+        if not moe_lora_layers(model):
+            apply_moe_lora(model, read_adapter_config(directory), layer_cls=self.layer_cls)
         load_adapter(model, directory)
         return model
 

@@ -1,0 +1,254 @@
+"""One contract suite for every method, in the spirit of peft's ``PeftCommonTester``.
+
+Each row of ``CASES`` is (method, tiny model, config); every shared check below runs on every
+row. A new method gets all of them by adding one row. Rows state what they cannot do (full
+fine-tuning has no base to switch back to) instead of being left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from torch import Tensor, nn
+
+from medmoe.adapters import MoELoRA, MoELoRAConfig, MoELoRALinear, adapter_spec
+from medmoe.adapters.baselines import FullFineTune, LoRA, MultiLoRA
+from medmoe.adapters.spec import AdapterSpec
+from medmoe.model import MedMoEModule
+from medmoe.optimization import parameter_groups
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+MOE = dict(target_modules=["q_proj", "v_proj", "down_proj"], layer_ranges=None, dropout=0.0)
+
+
+class SharpMoELoRALinear(MoELoRALinear):
+    """A subclassed router: the gate is ``softmax(2 W_g x / tau)``."""
+
+    def probs_from_logits(self, logits: Tensor) -> Tensor:
+        return torch.softmax(2.0 * logits / self.tau.to(logits.dtype), dim=-1)
+
+
+class SharpMoELoRA(MoELoRA):
+    layer_cls = SharpMoELoRALinear
+
+
+@dataclass(frozen=True)
+class Case:
+    """One method on the tiny Llama.
+
+    ``make`` builds the spec from keyword overrides; ``bad`` are overrides it must reject with
+    a ValueError whose message matches ``bad_message``; ``disable`` is ``None`` when the method
+    can switch its adapter off, else the reason it cannot (checked as the error it raises).
+    """
+
+    make: Callable[..., Any]
+    bad: dict[str, Any]
+    bad_message: str
+    disable: str | None = None
+
+
+CASES = {
+    "moe_lora_soft": Case(
+        lambda **kw: MoELoRAConfig(**{**MOE, "allocation": "eq2", "allowed_ranks": [2], **kw}),
+        {"tau_init": 50.0},
+        "tau_init",
+    ),
+    "moe_lora_top_k": Case(
+        lambda **kw: MoELoRA(
+            **{**MOE, "allocation": "uniform", "num_experts": 4, "top_k": 2, **kw},
+            allowed_ranks=[2],
+        ),
+        {"top_k": 0},
+        "top_k",
+    ),
+    "moe_lora_mixed_ranks": Case(
+        lambda **kw: MoELoRAConfig(
+            **{**MOE, "allocation": "eq2", "n_max": 5, "allowed_ranks": [2, 4, 8], **kw}
+        ),
+        {"allowed_ranks": [0, 2]},
+        "allowed_ranks",
+    ),
+    "moe_lora_subclassed_router": Case(
+        lambda **kw: SharpMoELoRA(**{**MOE, "allocation": "eq2", "allowed_ranks": [2, 4], **kw}),
+        {"gamma": 0.5},
+        "gamma",
+    ),
+    "peft_lora": Case(
+        lambda **kw: LoRA(**{"r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], **kw}),
+        {"r": 0},
+        r"\br\b",
+    ),
+    "multi_lora": Case(
+        lambda **kw: MultiLoRA(**{"num_tasks": 3, "r": 4, "dropout": 0.0, **kw}),
+        {"num_tasks": 0},
+        "num_tasks",
+    ),
+    "full_fine_tune": Case(
+        lambda **kw: FullFineTune(**kw),
+        {"max_shard_size": "big"},
+        "max_shard_size",
+        disable="overwrites the base weights",  # N/A: the trained weights are the base's
+    ),
+}
+
+
+def _batch() -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, 96, (3, 10), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0  # a right-padded row
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "task_id": torch.tensor([0, 2, 1]),
+    }
+
+
+def _logits(spec: AdapterSpec, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    with torch.no_grad():
+        spec.prepare_batch(model, batch)
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _train(spec: AdapterSpec, model: nn.Module, batch: dict[str, Tensor], steps: int = 3) -> None:
+    """A few AdamW steps on next-token loss, so every adapter tensor moves away from its init."""
+    optimizer = torch.optim.AdamW(parameter_groups(spec, model, weight_decay=0.01), lr=0.05)
+    model.train()
+    for _ in range(steps):
+        spec.prepare_batch(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten()
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def _adapted(name: str) -> tuple[AdapterSpec, nn.Module]:
+    spec = adapter_spec(CASES[name].make())
+    return spec, spec.apply(make_tiny_llama())
+
+
+@pytest.fixture(params=sorted(CASES))
+def case_name(request) -> str:
+    return request.param
+
+
+def test_logits_equal_the_base_at_initialisation(case_name):
+    batch = _batch()
+    expected = _logits(FullFineTune(), make_tiny_llama(), batch)
+    spec, model = _adapted(case_name)
+    torch.testing.assert_close(_logits(spec, model, batch), expected, rtol=0, atol=0)
+
+
+def test_only_the_adapter_trains(case_name):
+    spec, model = _adapted(case_name)
+    declared = spec.adapter_tensors(model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing trains"
+    assert set(trainable) <= set(declared), sorted(set(trainable) - set(declared))[:5]
+    grouped = [p for group in parameter_groups(spec, model, 0.1) for p in group["params"]]
+    assert {id(p) for p in grouped} == {id(p) for p in trainable.values()}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {n: t.detach().clone() for n, t in declared.items()}
+    _train(spec, model, _batch())
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), f"{name} is frozen but changed"
+    assert any(not torch.equal(t, before[n]) for n, t in declared.items()), (
+        "no adapter tensor moved"
+    )
+
+
+def test_switched_off_adapter_gives_the_base_after_training(case_name):
+    batch = _batch()
+    expected = _logits(FullFineTune(), make_tiny_llama(), batch)
+    spec, model = _adapted(case_name)
+    _train(spec, model, batch)
+    if CASES[case_name].disable is not None:
+        reason = CASES[case_name].disable
+        with pytest.raises(NotImplementedError, match=reason), spec.disabled(model):
+            pass
+        return
+    assert not torch.allclose(_logits(spec, model, batch), expected), "training changed nothing"
+    with spec.disabled(model):
+        torch.testing.assert_close(_logits(spec, model, batch), expected, rtol=0, atol=0)
+    assert not torch.allclose(_logits(spec, model, batch), expected), "the switch stayed off"
+
+
+def test_save_then_load_onto_a_fresh_base_gives_identical_logits(case_name, tmp_path: Path):
+    batch = _batch()
+    spec, model = _adapted(case_name)
+    _train(spec, model, batch)
+    expected = _logits(spec, model, batch)
+    spec.save(model, tmp_path / "adapter")
+    loaded = spec.load(
+        make_tiny_llama(seed=9 if case_name == "full_fine_tune" else 0), tmp_path / "adapter"
+    )
+    torch.testing.assert_close(_logits(spec, loaded.eval(), batch), expected, rtol=0, atol=0)
+
+
+def test_a_bad_value_is_a_clear_error(case_name):
+    case = CASES[case_name]
+    with pytest.raises(ValueError, match=case.bad_message):
+        case.make(**case.bad)
+
+
+def test_the_checkpoint_keeps_the_adapter_and_nothing_of_the_frozen_base(case_name):
+    module = MedMoEModule(
+        model_name_or_path=None,
+        tiny_llama=TINY,
+        adapter=CASES[case_name].make(),
+        task_names=["a", "b", "c"],
+        lambda_balance=0.0,
+    )
+    module.configure_model()
+    state = module.state_dict()
+    checkpoint = {"state_dict": dict(state)}
+    module.on_save_checkpoint(checkpoint)
+    kept = set(checkpoint["state_dict"])
+    assert kept == {f"model.{n}" for n in module.adapter.adapter_tensors(module.model)}
+    frozen = {f"model.{n}" for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert set(state) - kept == frozen  # everything left out is the frozen base, and all of it
+    # full fine-tuning: the whole model is the adapter, nothing is frozen
+    assert bool(frozen) == (case_name != "full_fine_tune")
+
+
+@pytest.mark.parametrize("name", ["moe_lora_soft", "multi_lora"])
+def test_a_misspelled_target_module_is_one_clear_error(name):
+    """Every method that replaces linear layers goes through the one injection path."""
+    spec = adapter_spec(CASES[name].make(target_modules=["q_proj", "v_prj"]))
+    real = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    with pytest.raises(ValueError) as error:
+        spec.apply(make_tiny_llama())
+    assert str(error.value) == (
+        f"target module(s) ['v_prj'] not found in LlamaDecoderLayer; its linear layers are: {real}"
+    )
+
+
+def test_a_config_subclass_cannot_pretend_to_be_the_method():
+    class Custom(MoELoRAConfig):
+        def apply(self, model):  # would be silently ignored if the config were wrapped
+            return model
+
+    with pytest.raises(TypeError, match="subclass medmoe.adapters.MoELoRA"):
+        adapter_spec(Custom(**{**MOE, "allocation": "eq2"}))
