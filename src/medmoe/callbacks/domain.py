@@ -10,6 +10,7 @@ from torch import Tensor
 
 from medmoe.callbacks.scoring import EvalClock, TaskScorer
 from medmoe.callbacks.writers import StepCadence, log_to_loggers
+from medmoe.data.tasks import DOMAIN_TASK_NAMES
 
 __all__ = ["DomainEval"]
 
@@ -39,7 +40,7 @@ class DomainEval(Callback):
 
     def __init__(
         self,
-        tasks: Sequence[str] = ("pubmedqa", "medqa", "clinical_sum"),
+        tasks: Sequence[str] = DOMAIN_TASK_NAMES,
         limit: int | None = 64,
         split: str = "validation",
         batch_size: int = 16,

@@ -7,23 +7,31 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from medmoe.data.tasks import DOMAIN_TASK_NAMES, GENERAL_TASK_NAMES
+
 __all__ = [
     "GENERAL_TASKS",
     "Delta",
     "MEDICAL_TASKS",
     "Table",
+    "csv_table",
     "general_table",
+    "markdown_table",
     "medical_table",
     "to_csv",
     "to_markdown",
 ]
 
-MEDICAL_TASKS: tuple[tuple[str, str], ...] = (
-    ("pubmedqa", "PubMedQA"),
-    ("medqa", "MedQA"),
-    ("clinical_sum", "Clinical-Sum"),
-)
-GENERAL_TASKS: tuple[tuple[str, str], ...] = (("mmlu", "MMLU"), ("gsm8k", "GSM8K"))
+TITLES = {
+    "pubmedqa": "PubMedQA",
+    "medqa": "MedQA",
+    "clinical_sum": "Clinical-Sum",
+    "mmlu": "MMLU",
+    "gsm8k": "GSM8K",
+}
+# (task, column title) of each table, the tasks by their group (Task.group)
+MEDICAL_TASKS: tuple[tuple[str, str], ...] = tuple((t, TITLES[t]) for t in DOMAIN_TASK_NAMES)
+GENERAL_TASKS: tuple[tuple[str, str], ...] = tuple((t, TITLES[t]) for t in GENERAL_TASK_NAMES)
 MISSING = "n/a"
 NOT_APPLICABLE = "-"
 
@@ -102,22 +110,37 @@ def _rows(table: Table, digits: int) -> list[list[str]]:
     return [[label, *(_format(c, digits) for c in cells)] for label, cells in table.rows]
 
 
+def markdown_table(
+    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], note: str | None = None
+) -> str:
+    """The one Markdown table writer: bold title, header, right-aligned value columns, an
+    optional note below. ``rows`` are already formatted cells."""
+    lines = [
+        f"**{title}**",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """The one CSV table writer: the header row, then the already formatted rows."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def to_markdown(table: Table, digits: int = 1) -> str:
     """A Markdown table with its title in bold above it."""
-    lines = [
-        f"**{table.title}**",
-        "",
-        "| " + " | ".join(table.header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(table.header) - 1)) + "|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(table, digits)]
-    return "\n".join(lines) + "\n"
+    return markdown_table(table.title, table.header, _rows(table, digits))
 
 
 def to_csv(table: Table, digits: int = 2) -> str:
     """CSV with the header row; missing values are "n/a" (pandas reads them as NaN)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(table.header)
-    writer.writerows(_rows(table, digits))
-    return buffer.getvalue()
+    return csv_table(table.header, _rows(table, digits))

@@ -25,6 +25,7 @@ from medmoe.data.sources import Record, load_records
 from medmoe.data.stream import Mixture, Sampling, StreamLoader, TrainStream, mixture_weights
 from medmoe.data.tasks import GenerationExample, MultipleChoiceExample, Task, get_task
 from medmoe.data.tokenizers import load_tokenizer
+from medmoe.data.toy_clinic import TOY_TASKS
 
 SUBSET_SEED = 0  # fixes every max_train / max_eval / limit subset, whatever the run's seed
 
@@ -84,7 +85,7 @@ def _subset(records: list[Record], limit: int | None) -> list[Record]:
     return [records[i] for i in order[:limit]]
 
 
-TOY_DOMAIN = [TaskConfig(n, source="toy") for n in ("medqa", "pubmedqa", "clinical_sum")]
+TOY_DOMAIN = [TaskConfig(n, source="toy") for n in TOY_TASKS if get_task(n).group == "domain"]
 TOY_REPLAY = [TaskConfig(n, source="toy") for n in ("mmlu", "gsm8k")]
 
 

@@ -383,6 +383,11 @@ TASKS: dict[str, Task] = {
 }
 
 
+# The task names of each group, in registry order: the one place the medical tuple is written.
+DOMAIN_TASK_NAMES: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.group == "domain")
+GENERAL_TASK_NAMES: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.group == "general")
+
+
 def get_task(name: str) -> Task:
     """The registered task ``name``; ValueError listing the known names otherwise."""
     try:

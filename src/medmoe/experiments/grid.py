@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from medmoe.data.tasks import DOMAIN_TASK_NAMES, GENERAL_TASK_NAMES
+
 __all__ = [
     "BASE_RUN",
     "EvalSettings",
@@ -84,7 +86,7 @@ class EvalSettings:
     batch_size: int = 64
     max_new_tokens: int = 32
     shots: int = 0
-    tasks: tuple[str, ...] = ("pubmedqa", "medqa", "clinical_sum", "mmlu", "gsm8k")
+    tasks: tuple[str, ...] = (*DOMAIN_TASK_NAMES, *GENERAL_TASK_NAMES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))

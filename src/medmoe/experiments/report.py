@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medmoe.callbacks.table_format import GENERAL_TASKS, MEDICAL_TASKS
+from medmoe.callbacks.table_format import (
+    GENERAL_TASKS,
+    MEDICAL_TASKS,
+    MISSING,
+    csv_table,
+    markdown_table,
+)
 from medmoe.experiments.grid import BASE_RUN, Grid, Method
 from medmoe.experiments.worker import read_results, write_json
 
@@ -29,7 +35,6 @@ RUNS_CSV = "runs.csv"
 SUMMARY_FILE = "summary.json"
 SCATTER_PNG = "domain_vs_forgetting.png"
 ALLOCATION_PNG = "allocation.png"
-MISSING = "n/a"
 
 
 @dataclass(frozen=True)
@@ -231,16 +236,8 @@ def _format(cell: Cell, digits: int = 1) -> str:
 
 
 def to_markdown(table: Table) -> str:
-    lines = [
-        f"**{table.title}**",
-        "",
-        "| " + " | ".join(table.header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(table.header) - 1)) + "|",
-    ]
-    lines += ["| " + " | ".join(_format(c) for c in row) + " |" for row in table.rows]
-    if table.note:
-        lines += ["", table.note]
-    return "\n".join(lines) + "\n"
+    rows = [[_format(c) for c in row] for row in table.rows]
+    return markdown_table(table.title, table.header, rows, table.note)
 
 
 def to_csv(table: Table) -> str:
@@ -249,9 +246,7 @@ def to_csv(table: Table) -> str:
     header: list[str] = []
     for name, is_stat in zip(table.header, stats, strict=True):
         header += [name, f"{name} std"] if is_stat else [name]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
+    lines = []
     for row in table.rows:
         line: list[str] = []
         for cell, is_stat in zip(row, stats, strict=True):
@@ -263,8 +258,8 @@ def to_csv(table: Table) -> str:
                 line.append(f"{cell:.6g}")
             else:
                 line.append(MISSING if cell is None else str(cell))
-        writer.writerow(line)
-    return buffer.getvalue()
+        lines.append(line)
+    return csv_table(header, lines)
 
 
 # ----------------------------------------------------------------- plots

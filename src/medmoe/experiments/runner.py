@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medmoe.data.tasks import DOMAIN_TASK_NAMES
 from medmoe.experiments.grid import BASE_RUN, Grid, cli_override
 from medmoe.experiments.worker import RunSpec, execute, read_results
 
@@ -179,7 +180,7 @@ def _describe(outcome: RunOutcome) -> str:
     if outcome.status == "failed":
         return f"{name}: FAILED after {outcome.seconds:.0f} s ({outcome.error.splitlines()[0]})"
     scores = (outcome.results or {}).get("scores", {})
-    medical = [scores[t] for t in ("pubmedqa", "medqa", "clinical_sum") if t in scores]
+    medical = [scores[t] for t in DOMAIN_TASK_NAMES if t in scores]
     average = f", medical avg {100 * sum(medical) / len(medical):.1f}" if medical else ""
     if outcome.status == "skipped":
         return f"{name}: results exist, skipped{average}"
