@@ -253,3 +253,53 @@ def test_the_console_entry_point_exits_zero(tmp_path):
         command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+YAMLS = sorted([*CONFIGS.rglob("*.yaml"), *(ROOT / "callbacks").rglob("*.yaml")])
+
+
+def uncommented_keys(path: Path) -> list[str]:
+    """Keys with a value that carry no comment: neither at the end of their line nor in the
+    comment of an enclosing section that names them (``methods:  # rows: name, label, ...``).
+    ``class_path`` names itself; the lines of a multi-line string (``>-``) are its value."""
+    sections: list[tuple[int, str]] = []  # (indent, comment) of the enclosing keys
+    block_indent: int | None = None
+    found = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip(" -"))
+        if block_indent is not None and indent > block_indent:
+            continue  # a line of a multi-line string
+        block_indent = None
+        body, _, comment = stripped.partition(" #")
+        key, colon, value = body.lstrip("- ").partition(":")
+        while sections and sections[-1][0] >= indent:
+            sections.pop()
+        if not colon:
+            continue  # an item of a block list
+        value = value.strip()
+        if value in (">-", ">", "|", "|-"):
+            block_indent = indent
+        if not value:
+            sections.append((indent, comment))
+            continue
+        named = any(re.search(rf"\b{re.escape(key)}\b", c) for _, c in sections)
+        if not comment and key != "class_path" and not named:
+            found.append(f"{path.name}:{number}: {stripped}")
+    return found
+
+
+def test_every_key_of_every_yaml_is_commented() -> None:
+    assert len(YAMLS) > 20
+    assert [k for path in YAMLS for k in uncommented_keys(path)] == []
+
+
+def test_the_key_comment_check_finds_an_uncommented_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "a: 1  # fine\nrows:  # each: name\n  - name: x\n    other: 2\ntext: >-  # prose\n"
+        "  words: with a colon\n"
+    )
+    assert uncommented_keys(path) == ["c.yaml:4: other: 2"]

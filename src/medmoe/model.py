@@ -1,4 +1,8 @@
-"""The LightningModule: a Hugging Face causal LM with an adapter, trained on eq 5's objective."""
+"""The LightningModule: a Hugging Face causal LM with an adapter, trained on eq 5's objective.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
+"""
 
 from __future__ import annotations
 

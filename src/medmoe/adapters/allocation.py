@@ -1,4 +1,8 @@
-"""Layer-wise expert allocation (eq 2, explicit ranges, uniform, bottom-heavy) and expert ranks."""
+"""Layer-wise expert allocation (eq 2, explicit ranges, uniform, bottom-heavy) and expert ranks.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Data only, as peft keeps ``LoraConfig`` apart from ``LoraModel``: the method that applies,
 disables, saves and loads it is :class:`medmoe.adapters.med_moe_lora.MoELoRA`.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
 """
 
 from __future__ import annotations

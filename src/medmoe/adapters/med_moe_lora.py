@@ -10,6 +10,9 @@ Two ways to select the method in YAML, both with the same ``init_args``::
     class_path: medmoe.adapters.MoELoRA         # the method itself (subclass it to change it)
 
 To change the layer (another gate, say), subclass :class:`MoELoRA` and set ``layer_cls``.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The Med-MoE-LoRA layer: a frozen linear layer plus a soft-merged mixture of LoRA experts."""
+"""The Med-MoE-LoRA layer: a frozen linear layer plus a soft-merged mixture of LoRA experts.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
+"""
 
 from __future__ import annotations
 

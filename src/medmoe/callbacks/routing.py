@@ -1,4 +1,8 @@
-"""RoutingStats: router entropy, expert utilisation, load balance and base-expert share."""
+"""RoutingStats: router entropy, expert utilisation, load balance and base-expert share.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The paper's two result tables as data, Markdown and CSV (scores in %, "n/a" when missing)."""
+"""The paper's two result tables as data, Markdown and CSV (scores in %, "n/a" when missing).
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The paper's Tables 1-4 (Markdown and CSV, mean ± std over seeds) and two plots, from the
-``results.json`` files a grid's runs wrote."""
+``results.json`` files a grid's runs wrote.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
+"""
 
 from __future__ import annotations
 

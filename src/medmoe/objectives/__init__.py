@@ -1,4 +1,8 @@
-"""Auxiliary objectives (eq 5) and gradient projection."""
+"""Auxiliary objectives (eq 5) and gradient projection.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
+"""
 
 from medmoe.objectives.balance import (
     expert_load,

@@ -4,6 +4,9 @@ Both take the router probabilities each MoE-LoRA layer recorded in its last forw
 (``layer.last_probs``, [B, T, N_l] with autograd graph) and compute a loss per layer with that
 layer's own N_l, averaged over layers, so layers with different expert counts never get mixed
 into one tensor. Padding (and, if the caller's mask says so, prompt) tokens are left out.
+
+Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
+Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
 """
 
 from __future__ import annotations
