@@ -10,18 +10,21 @@ from transformers import LlamaConfig, LlamaForCausalLM
 torch.set_num_threads(1)
 
 
+# LlamaConfig keyword arguments of the tiny Llama (also MedMoEModule's ``tiny_llama``)
+TINY_LLAMA = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    values = dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    values.update(overrides)
+    values = {**TINY_LLAMA, **overrides}
     return LlamaConfig(**values)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import TINY_LLAMA, make_tiny_llama
 from torch import Tensor, nn
 
 from medmoe.adapters import MoELoRA, MoELoRAConfig, MoELoRALinear, adapter_spec
@@ -25,16 +25,6 @@ from medmoe.optimization import parameter_groups
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-)
 MOE = dict(target_modules=["q_proj", "v_proj", "down_proj"], layer_ranges=None, dropout=0.0)
 
 
@@ -216,7 +206,7 @@ def test_a_bad_value_is_a_clear_error(case_name):
 def test_the_checkpoint_keeps_the_adapter_and_nothing_of_the_frozen_base(case_name):
     module = MedMoEModule(
         model_name_or_path=None,
-        tiny_llama=TINY,
+        tiny_llama=TINY_LLAMA,
         adapter=CASES[case_name].make(),
         task_names=["a", "b", "c"],
         lambda_balance=0.0,
@@ -252,3 +242,10 @@ def test_a_config_subclass_cannot_pretend_to_be_the_method():
 
     with pytest.raises(TypeError, match="subclass medmoe.adapters.MoELoRA"):
         adapter_spec(Custom(**{**MOE, "allocation": "eq2"}))
+
+
+def test_a_trainable_tensor_the_adapter_does_not_declare_is_an_error():
+    spec, model = _adapted("moe_lora_soft")
+    model.lm_head.weight.requires_grad_(True)  # would train but no checkpoint would keep it
+    with pytest.raises(ValueError, match="lm_head.weight trains but MoELoRA does not declare"):
+        parameter_groups(spec, model, 0.0)
