@@ -219,3 +219,13 @@ def test_vanilla_moe_lora_is_uniform_top_k_without_base_experts():
 def test_bad_values_raise_naming_the_field(make, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
         make()
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_lora_declares_exactly_what_peft_trains(bias):
+    spec = LoRA(r=2, target_modules=["q_proj"], bias=bias)
+    model = spec.apply(make_tiny_llama(attention_bias=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(spec.adapter_tensors(model)) == trainable
+    biases = {n for n in trainable if n.endswith(".bias")}
+    assert len(biases) == {"none": 0, "all": 4 * 4, "lora_only": 4}[bias]  # q, k, v, o per layer

@@ -184,7 +184,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
         "label": spec.label or spec.method,
         "seed": spec.seed,
         "base": spec.base,
-        "adapter": f"{type(module.adapter).__module__}.{type(module.adapter).__qualname__}",
+        "adapter": module.hparams["adapter"]["class_path"],  # the class the run selected
         "scores": scored["scores"],
         "metrics": scored["metrics"],
         "params": {
