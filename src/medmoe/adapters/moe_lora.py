@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def in_backward_recomputation() -> bool:
+    """True while autograd runs a backward pass: a forward executed now is a recomputation.
+
+    Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not) re-runs a checkpointed
+    forward from inside the backward's graph task; an ordinary forward runs outside any.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
 class _Float32Linear(torch.autograd.Function):
     """``F.linear(x, weight)`` computed in float32 that saves ``x`` in its own dtype.
 
@@ -185,13 +194,25 @@ class MoELoRALinear(nn.Module):
 
     @property
     def last_probs(self) -> Tensor | None:
-        """Router probabilities of the last forward ([..., N], float32, with autograd graph)."""
+        """Router probabilities of the last forward ([..., N], float32, with autograd graph).
+
+        This is what the routing losses differentiate. It is recorded by the forward the loss
+        uses and never by a gradient-checkpointing recomputation during backward (which would
+        keep the recomputed activations alive), and cleared by a forward with the adapter off.
+        Readers that only look at routing use :attr:`last_probs_detached` or :attr:`last_gates`.
+        """
         return self._last_probs
 
     @property
+    def last_probs_detached(self) -> Tensor | None:
+        """:attr:`last_probs` without its autograd graph (for callbacks and analysis)."""
+        return None if self._last_probs is None else self._last_probs.detach()
+
+    @property
     def last_gates(self) -> Tensor | None:
-        """Gates the last forward used ([..., N]), derived from :attr:`last_probs`."""
-        return None if self._last_probs is None else self.gates_from_probs(self._last_probs)
+        """Gates the last forward used ([..., N], detached), derived from :attr:`last_probs`."""
+        probs = self.last_probs_detached
+        return None if probs is None else self.gates_from_probs(probs)
 
     def clear_routing(self) -> None:
         self._last_probs = None
@@ -212,7 +233,10 @@ class MoELoRALinear(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
+        records = self.record_routing and not in_backward_recomputation()
         if not self.adapter_enabled:
+            if records:
+                self._last_probs = None  # no routing in this forward: nothing stale to read
             return out
         expert_input = self.dropout(x)
         if self._can_fuse_router(x, expert_input):
@@ -223,7 +247,7 @@ class MoELoRALinear(nn.Module):
         else:
             hidden = F.linear(expert_input, self.lora_A)  # [..., sum r]
             probs = self.router_probs(x)  # [..., N]
-        if self.record_routing:
+        if records:
             self._last_probs = probs
         gates = self.gates_from_probs(probs)
         # Expand each expert's gate over its rank slots, scaled by alpha_i / r_i: [..., sum r]
