@@ -22,6 +22,7 @@ from transformers import (
 
 from medmoe.adapters import MoELoRALinear, enable_gradient_checkpointing
 from medmoe.adapters.spec import AdapterSpec
+from medmoe.losses import target_token_losses
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
 
@@ -193,16 +194,8 @@ class MedMoEModule(LightningModule):
     def compute_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Task loss, routing losses, their weighted sum, and per-token losses for logging."""
         self.adapter.prepare_batch(self.model, batch)
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        # predict token t+1 from positions <= t: [B, T-1, V] against [B, T-1]
-        targets = batch["labels"][:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(targets)
-        target_mask = targets != IGNORE_INDEX
+        # predict token t+1 from positions <= t: [B, T-1] losses, logits only where t+1 is a target
+        token_loss, target_mask = self.token_losses(batch)
         task_loss = token_loss.sum() / target_mask.sum().clamp_min(1)
         losses = {"task_loss": task_loss, "token_loss": token_loss, "target_mask": target_mask}
         total = task_loss
@@ -229,6 +222,13 @@ class MedMoEModule(LightningModule):
                 total = total + self.hparams.lambda_kp * kp
         losses["loss"] = total
         return losses
+
+    def token_losses(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Next-token loss per position [B, T-1] (0 off target) and the target mask [B, T-1].
+
+        Target positions only, the LM head in chunks (:func:`medmoe.losses.target_token_losses`).
+        """
+        return target_token_losses(self.model, batch)
 
     def _per_task_sums(self, losses: Mapping[str, Tensor], task_id: Tensor) -> Tensor:
         """[num_tasks, 2]: summed target-token loss and target-token count per task."""
