@@ -9,6 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+ADAPTER_DTYPES = ("float32", "base")
+
+
+def adapter_parameter_dtype(base_dtype: torch.dtype, adapter_dtype: str) -> torch.dtype:
+    """The dtype adapter factors are stored in on a base of ``base_dtype``.
+
+    ``"float32"`` (default, as peft's ``autocast_adapter_dtype``): half-precision bases get
+    float32 factors, which the optimizer then updates in float32; float32 and float64 bases keep
+    their own dtype. ``"base"``: the base's dtype. The forward computes in the input's dtype.
+    """
+    if adapter_dtype == "float32":
+        return torch.promote_types(base_dtype, torch.float32)
+    if adapter_dtype == "base":
+        return base_dtype
+    raise ValueError(
+        f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}"
+    )
+
 
 def in_backward_recomputation() -> bool:
     """True while autograd runs a backward pass: a forward executed now is a recomputation.
@@ -17,6 +35,13 @@ def in_backward_recomputation() -> bool:
     forward from inside the backward's graph task; an ordinary forward runs outside any.
     """
     return torch._C._current_graph_task_id() != -1
+
+
+def _in_dtype(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight`` cast to the floating dtype of ``x`` (float32 factors on a bf16 activation)."""
+    if not x.is_floating_point() or weight.dtype == x.dtype:
+        return weight
+    return weight.to(x.dtype)
 
 
 class _Float32Linear(torch.autograd.Function):
@@ -67,6 +92,9 @@ class MoELoRALinear(nn.Module):
         learn_tau: learn ``log tau`` (one scalar per layer) or keep it fixed.
         tau_range: ``tau`` is clamped into this closed interval.
         dropout: dropout on the input of the expert path (applied once, shared by all experts).
+        adapter_dtype: ``"float32"`` keeps ``A`` and ``B`` in float32 on a half-precision base
+            (see :func:`adapter_parameter_dtype`); ``"base"`` stores them in the base's dtype.
+            The expert path computes in the input's dtype either way; the router in float32.
     """
 
     def __init__(
@@ -82,6 +110,7 @@ class MoELoRALinear(nn.Module):
         learn_tau: bool = True,
         tau_range: tuple[float, float] = (0.1, 10.0),
         dropout: float = 0.0,
+        adapter_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -117,7 +146,10 @@ class MoELoRALinear(nn.Module):
         self.record_routing = True
         self._last_probs: Tensor | None = None
 
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {
+            "device": base.weight.device,
+            "dtype": adapter_parameter_dtype(base.weight.dtype, adapter_dtype),
+        }
         total_rank = sum(ranks)
         self.lora_A = nn.Parameter(torch.empty(total_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, total_rank, **factory))
@@ -133,13 +165,17 @@ class MoELoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         # slot -> expert map and per-slot scale alpha_i / r_i: [sum r]
-        slot_expert = torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(ranks))
+        # (output_size: no device-to-host sync, and it works on the meta device)
+        device = base.weight.device
+        slot_expert = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=device),
+            torch.tensor(ranks, device=device),
+            output_size=total_rank,
+        )
         scales = [alpha / r if alpha is not None else alpha_over_r for r in ranks]
-        self.register_buffer("slot_expert", slot_expert.to(base.weight.device), persistent=False)
+        self.register_buffer("slot_expert", slot_expert, persistent=False)
         self.register_buffer(
-            "slot_scale",
-            torch.tensor(scales, device=base.weight.device)[slot_expert],
-            persistent=False,
+            "slot_scale", torch.tensor(scales, device=device)[slot_expert], persistent=False
         )
         self.scales = tuple(float(s) for s in scales)
         self.total_rank = total_rank
@@ -245,14 +281,15 @@ class MoELoRALinear(nn.Module):
             hidden, logits = fused.split([self.total_rank, self.num_experts], dim=-1)
             probs = self.probs_from_logits(logits)
         else:
-            hidden = F.linear(expert_input, self.lora_A)  # [..., sum r]
+            hidden = F.linear(expert_input, _in_dtype(self.lora_A, x))  # [..., sum r]
             probs = self.router_probs(x)  # [..., N]
         if records:
             self._last_probs = probs
         gates = self.gates_from_probs(probs)
         # Expand each expert's gate over its rank slots, scaled by alpha_i / r_i: [..., sum r]
         slot_weights = gates.index_select(-1, self.slot_expert) * self.slot_scale
-        return out + F.linear(hidden * slot_weights.to(hidden.dtype), self.lora_B)
+        delta = F.linear(hidden * slot_weights.to(hidden.dtype), _in_dtype(self.lora_B, hidden))
+        return out + delta.to(out.dtype)
 
     def _can_fuse_router(self, x: Tensor, expert_input: Tensor) -> bool:
         overridden = type(self).router_logits is not MoELoRALinear.router_logits or (
