@@ -130,3 +130,30 @@ def full_vocabulary_token_losses(
         reduction="none",
     ).view_as(targets)
     return token_loss, target_mask
+
+
+def step_token_objective(
+    token_loss: Tensor,
+    routing_loss: Tensor,
+    batch: Mapping[str, Tensor],
+    *,
+    accumulate: int,
+    world_size: int,
+) -> Tensor:
+    """A micro-batch's loss such that the optimizer step's gradient is the token mean of the step.
+
+    ``sum(token_loss) * accumulate * world_size / step_target_tokens + routing_loss``: Lightning
+    divides the training-step loss by ``accumulate`` and DDP (or ZeRO) averages gradients over
+    the ``world_size`` ranks, so summed over the step's micro-batches and ranks the task term
+    becomes ``sum of every target token's loss / step_target_tokens`` (the tokens of all of
+    them). The routing terms stay per-micro-batch means, averaged as before.
+    """
+    if "step_target_tokens" not in batch:
+        raise KeyError(
+            "loss_normalization='step_tokens' needs the batch's 'step_target_tokens' (the target "
+            "tokens of the whole optimizer step), which medmoe.data.MultiTaskDataModule's training "
+            "stream attaches; with another data source set model.loss_normalization: micro_batch"
+        )
+    step_tokens = batch["step_target_tokens"].to(token_loss.dtype).clamp_min(1.0)
+    scale = accumulate * world_size / step_tokens
+    return token_loss.sum() * scale + routing_loss

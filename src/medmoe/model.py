@@ -22,7 +22,7 @@ from transformers import (
 
 from medmoe.adapters import MoELoRALinear, enable_gradient_checkpointing
 from medmoe.adapters.spec import AdapterSpec
-from medmoe.losses import target_token_losses
+from medmoe.losses import step_token_objective, target_token_losses
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
 
@@ -64,6 +64,12 @@ class MedMoEModule(LightningModule):
             factor (Ortho-LoRA, PCGrad-style, per factor) before each optimizer step; works
             with peft LoRA and MoE-LoRA adapters. ``"none"`` trains on the summed gradient.
         projection_order: Ortho-LoRA's task order, ``"shuffle"`` (seeded) or ``"fixed"``.
+        loss_normalization: what the task loss of a training step is divided by.
+            ``"step_tokens"`` (default): the target tokens of the whole optimizer step, all
+            accumulated micro-batches on all ranks (the batch's ``step_target_tokens``, which
+            :class:`~medmoe.data.MultiTaskDataModule` attaches), so every target token weighs
+            the same, as transformers' ``num_items_in_batch``. ``"micro_batch"``: each
+            micro-batch's own token mean, averaged over micro-batches and ranks.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class MedMoEModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         gradient_projection: Literal["none", "ortho"] = "none",
         projection_order: Literal["shuffle", "fixed"] = "shuffle",
+        loss_normalization: Literal["step_tokens", "micro_batch"] = "step_tokens",
     ) -> None:
         super().__init__()
         if model_name_or_path is None and tiny_llama is None:
@@ -100,6 +107,11 @@ class MedMoEModule(LightningModule):
         if gradient_projection not in ("none", "ortho"):
             raise ValueError(
                 f"gradient_projection must be 'none' or 'ortho', got {gradient_projection!r}"
+            )
+        if loss_normalization not in ("step_tokens", "micro_batch"):
+            raise ValueError(
+                f"loss_normalization must be 'step_tokens' or 'micro_batch', got "
+                f"{loss_normalization!r}"
             )
         if torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(_DTYPES)}")
@@ -198,7 +210,7 @@ class MedMoEModule(LightningModule):
         token_loss, target_mask = self.token_losses(batch)
         task_loss = token_loss.sum() / target_mask.sum().clamp_min(1)
         losses = {"task_loss": task_loss, "token_loss": token_loss, "target_mask": target_mask}
-        total = task_loss
+        routing = task_loss.new_zeros(())
         if self.moe_layers and (self.hparams.lambda_balance > 0 or self.hparams.lambda_kp > 0):
             probs = recorded_router_probs(self.moe_layers)
             if self.hparams.routing_tokens == "target":
@@ -209,7 +221,7 @@ class MedMoEModule(LightningModule):
             if self.hparams.lambda_balance > 0:
                 balance = load_balance_loss(probs, routing_mask, self.hparams.balance_form)
                 losses["balance_loss"] = balance
-                total = total + self.hparams.lambda_balance * balance
+                routing = routing + self.hparams.lambda_balance * balance
             if self.hparams.lambda_kp > 0:
                 kp = knowledge_preservation_loss(
                     probs,
@@ -219,8 +231,9 @@ class MedMoEModule(LightningModule):
                     self.hparams.kp_delta,
                 )
                 losses["kp_loss"] = kp
-                total = total + self.hparams.lambda_kp * kp
-        losses["loss"] = total
+                routing = routing + self.hparams.lambda_kp * kp
+        losses["routing_loss"] = routing
+        losses["loss"] = task_loss + routing
         return losses
 
     def token_losses(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -245,6 +258,7 @@ class MedMoEModule(LightningModule):
             self.ortho.set_task_ids(batch["task_id"])
         losses = self.compute_losses(batch)
         loss = losses["loss"]
+        objective = self._training_objective(losses, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at global step {self.global_step} "
@@ -260,7 +274,22 @@ class MedMoEModule(LightningModule):
             for name, (total, count) in zip(self.task_names, sums, strict=True):
                 if count > 0:
                     self.log(f"train/loss_{name}", total / count, batch_size=batch_size)
-        return loss
+        return objective
+
+    def _training_objective(
+        self, losses: Mapping[str, Tensor], batch: Mapping[str, Tensor]
+    ) -> Tensor:
+        """The loss to back-propagate (:func:`medmoe.losses.step_token_objective`)."""
+        if self.hparams.loss_normalization == "micro_batch":
+            return losses["loss"]
+        trainer = self._trainer
+        return step_token_objective(
+            losses["token_loss"],
+            losses["routing_loss"],
+            batch,
+            accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
 
     def _should_log_step(self) -> bool:
         trainer = self._trainer
