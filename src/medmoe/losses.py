@@ -97,24 +97,32 @@ def target_token_losses(
     logits are not ``lm_head(h)`` get them through transformers' ``logits_to_keep`` mask.
     """
     targets, target_mask = shifted_targets(batch["labels"])
-    # a label at t+1 selects position t: [B, T] boolean, last position never
-    keep = F.pad(target_mask, (0, 1), value=False)
+    # flat indices into [B, T-1] of the positions t whose label t+1 exists: [M]. The collate
+    # computes them on the host; a boolean mask index would sync with the GPU.
+    index = batch.get("target_index")
+    if index is None:
+        index = target_mask.flatten().nonzero().squeeze(1)
+    flat_targets = targets.flatten().index_select(0, index)  # [M]
     parts = _decoder_and_head(model)
     if parts is None:
+        keep = F.pad(target_mask, (0, 1), value=False)  # [B, T], the last position never
         logits = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             logits_to_keep=keep,
         ).logits  # [M, V]
-        flat_loss = F.cross_entropy(logits.float(), targets[target_mask], reduction="none")
+        flat_loss = F.cross_entropy(logits.float(), flat_targets, reduction="none")
     else:
         decoder, head = parts
         hidden = decoder(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state  # [B, T, H]
-        flat_loss = chunked_cross_entropy(head, hidden[keep], targets[target_mask], chunk_rows)
-    token_loss = flat_loss.new_zeros(target_mask.shape).masked_scatter(target_mask, flat_loss)
-    return token_loss, target_mask
+        width = hidden.shape[1]
+        # index into [B, T-1] -> into [B * T] (row b, position t: b * T + t), no copy of hidden
+        rows = hidden.flatten(0, 1).index_select(0, index + index // (width - 1))  # [M, H]
+        flat_loss = chunked_cross_entropy(head, rows, flat_targets, chunk_rows)
+    token_loss = flat_loss.new_zeros(target_mask.numel()).index_put((index,), flat_loss)
+    return token_loss.view_as(target_mask), target_mask
 
 
 def full_vocabulary_token_losses(
@@ -157,3 +165,39 @@ def step_token_objective(
     step_tokens = batch["step_target_tokens"].to(token_loss.dtype).clamp_min(1.0)
     scale = accumulate * world_size / step_tokens
     return token_loss.sum() * scale + routing_loss
+
+
+class NonFiniteLossWatch:
+    """Remembers, on the device, the first training step whose loss was NaN or infinite.
+
+    :meth:`record` runs every step without a host synchronisation; :meth:`raise_if_seen` reads
+    the flag back (one sync) and raises ``FloatingPointError`` naming the first bad step. The
+    training step calls it on logging steps, and the module before writing any checkpoint, so
+    a run stops at the next of those after a bad step and no checkpoint after it is written.
+    """
+
+    def __init__(self) -> None:
+        self._seen: Tensor | None = None  # bool, 0-dim
+        self._first: Tensor | None = None  # [step, loss, task loss] of the first bad step
+
+    def record(self, step: int, loss: Tensor, objective: Tensor, task_loss: Tensor) -> None:
+        loss, objective, task_loss = (t.detach().float() for t in (loss, objective, task_loss))
+        bad = ~(torch.isfinite(loss) & torch.isfinite(objective))
+        values = torch.stack([loss.new_full((), float(step)), loss, task_loss])  # [3]
+        if self._seen is None:
+            self._seen, self._first = bad, values
+            return
+        self._first = torch.where(bad & ~self._seen, values, self._first)
+        self._seen = self._seen | bad
+
+    def raise_if_seen(self) -> None:
+        if self._seen is None or not bool(self._seen):
+            return
+        step, loss, task_loss = self._first.tolist()
+        raise FloatingPointError(
+            f"training loss is {loss} at global step {int(step)} (task loss {task_loss}); the "
+            "run stops here and the last good checkpoint is kept"
+        )
+
+    def reset(self) -> None:
+        self._seen = self._first = None

@@ -22,7 +22,7 @@ from transformers import (
 
 from medmoe.adapters import MoELoRALinear, enable_gradient_checkpointing
 from medmoe.adapters.spec import AdapterSpec
-from medmoe.losses import step_token_objective, target_token_losses
+from medmoe.losses import NonFiniteLossWatch, step_token_objective, target_token_losses
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
 
@@ -131,6 +131,7 @@ class MedMoEModule(LightningModule):
         self.strict_loading = False  # checkpoints leave the frozen base out
         self._val_sums: Tensor | None = None
         self._resumed_rng_states: dict[str, Any] | None = None
+        self._nonfinite = NonFiniteLossWatch()
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -259,17 +260,15 @@ class MedMoEModule(LightningModule):
         losses = self.compute_losses(batch)
         loss = losses["loss"]
         objective = self._training_objective(losses, batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at global step {self.global_step} "
-                f"(task loss {losses['task_loss'].item()}); the run stops here and the last "
-                "good checkpoint is kept"
-            )
+        self._nonfinite.record(self.global_step, loss, objective, losses["task_loss"])
+        logs = self._should_log_step()
+        if logs:
+            self._nonfinite.raise_if_seen()  # one host sync, on logging steps only
         batch_size = batch["input_ids"].shape[0]
         for key in ("loss", "task_loss", "balance_loss", "kp_loss"):
             if key in losses:
                 self.log(f"train/{key}", losses[key], prog_bar=key == "loss", batch_size=batch_size)
-        if self.task_names and self._should_log_step():
+        if self.task_names and logs:
             sums = self._per_task_sums(losses, batch["task_id"]).tolist()
             for name, (total, count) in zip(self.task_names, sums, strict=True):
                 if count > 0:
@@ -391,6 +390,7 @@ class MedMoEModule(LightningModule):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._nonfinite.raise_if_seen()  # never write a checkpoint after a NaN step
         keep = self.trainable_state_keys()
         state = checkpoint.get("state_dict")
         if state is not None:
