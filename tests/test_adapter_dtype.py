@@ -117,3 +117,23 @@ def test_moe_lora_layer_builds_on_the_meta_device():
     assert layer.lora_A.is_meta
     reference = MoELoRALinear(nn.Linear(8, 8), (2, 4, 2))
     assert reference.slot_expert.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+
+
+def test_float32_router_on_half_precision_input_matches_float64_without_upcasting_x():
+    from medmoe.adapters.moe_lora import _Float32Linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(5, 64, requires_grad=True)  # the float32 router
+    logits = _Float32Linear.apply(x, weight)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 7, 5)
+    grad = torch.randn(2, 7, 5)
+    logits.backward(grad)
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    reference = F.linear(x64, w64)
+    reference.backward(grad.double())
+    # the weight's high+low split keeps ~16 bits: far closer than one bf16 rounding (2**-8)
+    torch.testing.assert_close(logits.double(), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-2, atol=1e-2)  # bf16 grad
+    assert x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32

@@ -44,27 +44,59 @@ def _in_dtype(weight: Tensor, x: Tensor) -> Tensor:
     return weight.to(x.dtype)
 
 
-class _Float32Linear(torch.autograd.Function):
-    """``F.linear(x, weight)`` computed in float32 that saves ``x`` in its own dtype.
+def float32_output_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of two half-precision matrices, accumulated and returned in float32.
 
-    Autograd of ``F.linear(x.float(), w)`` would keep a float32 copy of a half-precision ``x``
-    for the backward of every router; this keeps the tensor the expert path saves anyway.
+    On CUDA one GEMM with a float32 output (``torch.mm(..., out_dtype=torch.float32)``), so no
+    float32 copy of ``a`` or ``b`` is made. Elsewhere (no CPU kernel exists) the inputs are
+    upcast first, with the same result.
+    """
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _split_half(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A float32 tensor as ``high + low`` in ``dtype``: the pair carries ~16 mantissa bits."""
+    high = t.to(dtype)
+    return high, (t - high.float()).to(dtype)
+
+
+class _Float32Linear(torch.autograd.Function):
+    """``F.linear(x, weight)`` of a half-precision ``x`` and a float32 router, in float32.
+
+    No float32 copy of ``x`` (the 4096-wide activation of every adapted layer) is made in
+    forward or backward on CUDA: the float32 weight [N, d_in] and the incoming float32 gradient
+    [..., N], both narrow, are split into two half-precision parts (``high + low``) and every
+    product is a half-precision GEMM with float32 accumulation and output
+    (:func:`float32_output_mm`). ``x``'s own tensor is what backward keeps.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return F.linear(x.float(), weight.float())
+        flat = x.reshape(-1, x.shape[-1])  # [M, d_in]
+        high, low = _split_half(weight.float(), x.dtype)  # [N, d_in] each
+        logits = float32_output_mm(flat, high.T) + float32_output_mm(flat, low.T)  # [M, N]
+        return logits.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
+        flat_x = x.reshape(-1, x.shape[-1])  # [M, d_in]
+        flat_grad = grad.reshape(-1, grad.shape[-1]).float()  # [M, N]
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.float()).to(x.dtype)
+            # dL/dx = grad @ W: [M, N] x [N, d_in], in x's dtype like the rest of x's gradient
+            if x.is_cuda:  # one half-precision GEMM, no float32 [M, d_in] temporary
+                grad_x = torch.mm(flat_grad.to(x.dtype), weight.to(x.dtype))
+            else:
+                grad_x = (flat_grad @ weight.float()).to(x.dtype)
+            grad_x = grad_x.view_as(x)
         if ctx.needs_input_grad[1]:
-            # [..., N] x [..., d_in] summed over all leading dims -> [N, d_in]
-            grad_weight = grad.flatten(0, -2).T @ x.flatten(0, -2).float()
+            # dL/dW = grad^T @ x summed over all tokens: [N, M] x [M, d_in] -> [N, d_in]
+            g_high, g_low = _split_half(flat_grad, x.dtype)
+            grad_weight = float32_output_mm(g_high.T, flat_x) + float32_output_mm(g_low.T, flat_x)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight
 
