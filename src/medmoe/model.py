@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from medmoe.adapters.spec import AdapterSpec
 from medmoe.losses import NonFiniteLossWatch, step_token_objective, target_token_losses
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
+from medmoe.rng import gather_rng_states, rank_rng_state, set_rng_states
 
 IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -344,7 +344,7 @@ class MedMoEModule(LightningModule):
         # Restore the random state of the interrupted run (dropout), so a resumed run draws
         # what the uninterrupted one would have.
         if self._resumed_rng_states is not None:
-            _set_rng_states(self._resumed_rng_states)
+            set_rng_states(self._resumed_rng_states)
             self._resumed_rng_states = None
 
     # ----------------------------------------------------------------- optimisation
@@ -396,11 +396,16 @@ class MedMoEModule(LightningModule):
         if state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
-        checkpoint["medmoe_rng_states"] = _rng_states()
+        checkpoint["medmoe_rng_states"] = gather_rng_states()  # every rank's (a collective)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        self._resumed_rng_states = checkpoint.get("medmoe_rng_states")
+        trainer = self._trainer
+        self._resumed_rng_states = rank_rng_state(
+            checkpoint.get("medmoe_rng_states"),
+            trainer.global_rank if trainer is not None else 0,
+            trainer.world_size if trainer is not None else 1,
+        )
         state = checkpoint.get("state_dict")
         if state is None:
             return
@@ -416,20 +421,6 @@ def _is_deepspeed(trainer: Any) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     return trainer is not None and isinstance(trainer.strategy, DeepSpeedStrategy)
-
-
-def _rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: Mapping[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _class_path(obj: object) -> str:
