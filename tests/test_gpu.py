@@ -462,11 +462,6 @@ def test_zero_checkpoint_converts_to_an_adapter_with_identical_logits(
 
 
 @needs_deepspeed
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning divides the loss by accumulate_grad_batches and DeepSpeed's "
-    "engine.backward divides it again by gradient_accumulation_steps (reported)",
-)
 def test_deepspeed_gradient_equals_ddp_gradient_under_accumulation(tiny_base, runs_root):
     # Same base, data, seed and accumulation: the first optimizer step's gradient norm (before
     # clipping) must agree between DDP and DeepSpeed ZeRO-2 up to bf16 and routing noise; a

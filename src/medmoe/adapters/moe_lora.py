@@ -52,7 +52,10 @@ def float32_output_mm(a: Tensor, b: Tensor) -> Tensor:
     upcast first, with the same result.
     """
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a torch without mm's out_dtype (before 2.8)
+            pass
     return a.float() @ b.float()
 
 
