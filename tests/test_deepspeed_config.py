@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MED = ROOT / "configs" / "med.yaml"
 FRAGMENTS = ROOT / "configs" / "multi_gpu"
 GLOBAL_BATCH = 128  # the paper's (Sec. 4.1)
-DEEPSPEED = "lightning.pytorch.strategies.DeepSpeedStrategy"
+DEEPSPEED = "medmoe.strategies.DeepSpeedStrategy"
 DDP = "lightning.pytorch.strategies.DDPStrategy"
 
 _PRINTED: dict[tuple[Path, ...], dict] = {}
@@ -87,7 +87,7 @@ def test_med_yaml_global_batch_comment_matches_its_values():
 @pytest.mark.parametrize("stack", ["med", "med+deepspeed_zero2"])
 def test_deepspeed_block_instantiates_zero2_with_adapter_only_checkpoints(capsys, stack):
     pytest.importorskip("deepspeed")
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from medmoe.strategies import DeepSpeedStrategy
 
     # the init_args the YAML files give (later configs override earlier ones)
     init_args: dict = {}
@@ -99,6 +99,9 @@ def test_deepspeed_block_instantiates_zero2_with_adapter_only_checkpoints(capsys
     strategy = DeepSpeedStrategy(**init_args)  # no CUDA needed to construct it
 
     zero = strategy.config["zero_optimization"]
+    # gradients accumulate and are reduced in fp32 under bf16 (the routers' and tau's too)
+    assert strategy.config["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert strategy.config["communication_data_type"] == "fp32"
     assert zero["stage"] == 2 and not strategy.zero_stage_3
     assert strategy.exclude_frozen_parameters is True
     printed = printed_config(capsys, *STACKS[stack])["trainer"]["strategy"]["init_args"]

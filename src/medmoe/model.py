@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import random
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -22,10 +21,11 @@ from medmoe.adapters import MoELoRAConfig, MoELoRALinear, enable_gradient_checkp
 from medmoe.adapters.med_moe_lora import adapter_spec
 from medmoe.adapters.spec import AdapterConfig, AdapterSpec
 from medmoe.base_model import DTYPES, load_base_model
-from medmoe.data.collate import IGNORE_INDEX
+from medmoe.losses import NonFiniteLossWatch, step_token_objective, target_token_losses
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
 from medmoe.optimization import is_deepspeed, optimizer_class, parameter_groups
+from medmoe.rng import gather_rng_states, rank_rng_state, set_rng_states
 
 
 class MedMoEModule(LightningModule):
@@ -65,6 +65,12 @@ class MedMoEModule(LightningModule):
             factor (Ortho-LoRA, PCGrad-style, per factor) before each optimizer step; works
             with peft LoRA and MoE-LoRA adapters. ``"none"`` trains on the summed gradient.
         projection_order: Ortho-LoRA's task order, ``"shuffle"`` (seeded) or ``"fixed"``.
+        loss_normalization: what the task loss of a training step is divided by.
+            ``"step_tokens"`` (default): the target tokens of the whole optimizer step, all
+            accumulated micro-batches on all ranks (the batch's ``step_target_tokens``, which
+            :class:`~medmoe.data.MultiTaskDataModule` attaches), so every target token weighs
+            the same, as transformers' ``num_items_in_batch``. ``"micro_batch"``: each
+            micro-batch's own token mean, averaged over micro-batches and ranks.
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class MedMoEModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         gradient_projection: Literal["none", "ortho"] = "none",
         projection_order: Literal["shuffle", "fixed"] = "shuffle",
+        loss_normalization: Literal["step_tokens", "micro_batch"] = "step_tokens",
     ) -> None:
         super().__init__()
         if model_name_or_path is None and tiny_llama is None:
@@ -101,6 +108,11 @@ class MedMoEModule(LightningModule):
         if gradient_projection not in ("none", "ortho"):
             raise ValueError(
                 f"gradient_projection must be 'none' or 'ortho', got {gradient_projection!r}"
+            )
+        if loss_normalization not in ("step_tokens", "micro_batch"):
+            raise ValueError(
+                f"loss_normalization must be 'step_tokens' or 'micro_batch', got "
+                f"{loss_normalization!r}"
             )
         if torch_dtype not in DTYPES:
             raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(DTYPES)}")
@@ -118,6 +130,7 @@ class MedMoEModule(LightningModule):
         self.strict_loading = False  # checkpoints leave the frozen base out
         self._val_sums: Tensor | None = None
         self._resumed_rng_states: dict[str, Any] | None = None
+        self._nonfinite = NonFiniteLossWatch()
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -170,19 +183,11 @@ class MedMoEModule(LightningModule):
     def compute_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Task loss, routing losses, their weighted sum, and per-token losses for logging."""
         self.adapter.prepare_batch(self.model, batch)
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        # predict token t+1 from positions <= t: [B, T-1, V] against [B, T-1]
-        targets = batch["labels"][:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(targets)
-        target_mask = targets != IGNORE_INDEX
+        # predict token t+1 from positions <= t: [B, T-1] losses, logits only where t+1 is a target
+        token_loss, target_mask = self.token_losses(batch)
         task_loss = token_loss.sum() / target_mask.sum().clamp_min(1)
         losses = {"task_loss": task_loss, "token_loss": token_loss, "target_mask": target_mask}
-        total = task_loss
+        routing = task_loss.new_zeros(())
         if self.moe_layers and (self.hparams.lambda_balance > 0 or self.hparams.lambda_kp > 0):
             probs = recorded_router_probs(self.moe_layers)
             if self.hparams.routing_tokens == "target":
@@ -193,7 +198,7 @@ class MedMoEModule(LightningModule):
             if self.hparams.lambda_balance > 0:
                 balance = load_balance_loss(probs, routing_mask, self.hparams.balance_form)
                 losses["balance_loss"] = balance
-                total = total + self.hparams.lambda_balance * balance
+                routing = routing + self.hparams.lambda_balance * balance
             if self.hparams.lambda_kp > 0:
                 kp = knowledge_preservation_loss(
                     probs,
@@ -203,9 +208,17 @@ class MedMoEModule(LightningModule):
                     self.hparams.kp_delta,
                 )
                 losses["kp_loss"] = kp
-                total = total + self.hparams.lambda_kp * kp
-        losses["loss"] = total
+                routing = routing + self.hparams.lambda_kp * kp
+        losses["routing_loss"] = routing
+        losses["loss"] = task_loss + routing
         return losses
+
+    def token_losses(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Next-token loss per position [B, T-1] (0 off target) and the target mask [B, T-1].
+
+        Target positions only, the LM head in chunks (:func:`medmoe.losses.target_token_losses`).
+        """
+        return target_token_losses(self.model, batch)
 
     def _per_task_sums(self, losses: Mapping[str, Tensor], task_id: Tensor) -> Tensor:
         """[num_tasks, 2]: summed target-token loss and target-token count per task."""
@@ -222,22 +235,36 @@ class MedMoEModule(LightningModule):
             self.ortho.set_task_ids(batch["task_id"])
         losses = self.compute_losses(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at global step {self.global_step} "
-                f"(task loss {losses['task_loss'].item()}); the run stops here and the last "
-                "good checkpoint is kept"
-            )
+        objective = self._training_objective(losses, batch)
+        self._nonfinite.record(self.global_step, loss, objective, losses["task_loss"])
+        logs = self._should_log_step()
+        if logs:
+            self._nonfinite.raise_if_seen()  # one host sync, on logging steps only
         batch_size = batch["input_ids"].shape[0]
         for key in ("loss", "task_loss", "balance_loss", "kp_loss"):
             if key in losses:
                 self.log(f"train/{key}", losses[key], prog_bar=key == "loss", batch_size=batch_size)
-        if self.task_names and self._should_log_step():
+        if self.task_names and logs:
             sums = self._per_task_sums(losses, batch["task_id"]).tolist()
             for name, (total, count) in zip(self.task_names, sums, strict=True):
                 if count > 0:
                     self.log(f"train/loss_{name}", total / count, batch_size=batch_size)
-        return loss
+        return objective
+
+    def _training_objective(
+        self, losses: Mapping[str, Tensor], batch: Mapping[str, Tensor]
+    ) -> Tensor:
+        """The loss to back-propagate (:func:`medmoe.losses.step_token_objective`)."""
+        if self.hparams.loss_normalization == "micro_batch":
+            return losses["loss"]
+        trainer = self._trainer
+        return step_token_objective(
+            losses["token_loss"],
+            losses["routing_loss"],
+            batch,
+            accumulate=trainer.accumulate_grad_batches if trainer is not None else 1,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
 
     def _should_log_step(self) -> bool:
         trainer = self._trainer
@@ -293,7 +320,7 @@ class MedMoEModule(LightningModule):
         # Restore the random state of the interrupted run (dropout), so a resumed run draws
         # what the uninterrupted one would have.
         if self._resumed_rng_states is not None:
-            _set_rng_states(self._resumed_rng_states)
+            set_rng_states(self._resumed_rng_states)
             self._resumed_rng_states = None
 
     # ----------------------------------------------------------------- optimisation
@@ -319,16 +346,22 @@ class MedMoEModule(LightningModule):
         return {f"model.{name}" for name in self.adapter.adapter_tensors(self.model)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._nonfinite.raise_if_seen()  # never write a checkpoint after a NaN step
         keep = self.trainable_state_keys()
         state = checkpoint.get("state_dict")
         if state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
-        checkpoint["medmoe_rng_states"] = _rng_states()
+        checkpoint["medmoe_rng_states"] = gather_rng_states()  # every rank's (a collective)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        self._resumed_rng_states = checkpoint.get("medmoe_rng_states")
+        trainer = self._trainer
+        self._resumed_rng_states = rank_rng_state(
+            checkpoint.get("medmoe_rng_states"),
+            trainer.global_rank if trainer is not None else 0,
+            trainer.world_size if trainer is not None else 1,
+        )
         state = checkpoint.get("state_dict")
         if state is None:
             return
@@ -338,20 +371,6 @@ class MedMoEModule(LightningModule):
                 f"the checkpoint lacks {len(missing)} trainable tensor(s) of this adapter, e.g. "
                 f"{missing[:3]}: it was written for another adapter configuration"
             )
-
-
-def _rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: Mapping[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _class_path(obj: object) -> str:

@@ -23,6 +23,7 @@ from medmoe.adapters.allocation import (
     expert_counts,
     uniform_counts,
 )
+from medmoe.adapters.moe_lora import ADAPTER_DTYPES
 from medmoe.adapters.spec import AdapterConfig
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,6 +67,9 @@ class MoELoRAConfig(AdapterConfig):
         learn_tau: learn tau (one per adapted layer) or keep it at ``tau_init``.
         tau_range: clamp range of tau, so it cannot run off to a uniform router.
         dropout: dropout on the expert path's input.
+        adapter_dtype: ``"float32"`` (default, as peft): the experts' factors are float32 on a
+            bf16/fp16 base, so small AdamW updates do not round away; ``"base"``: the base's
+            dtype. The expert path computes in the activations' dtype either way.
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
@@ -86,6 +90,7 @@ class MoELoRAConfig(AdapterConfig):
     learn_tau: bool = True
     tau_range: tuple[float, float] = (0.1, 10.0)
     dropout: float = 0.05
+    adapter_dtype: Literal["float32", "base"] = "float32"
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -127,6 +132,11 @@ class MoELoRAConfig(AdapterConfig):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(
+                f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got "
+                f"{self.adapter_dtype!r}"
+            )
 
     def layer_expert_counts(self, num_layers: int) -> list[int]:
         """N_l for l = 1..num_layers under this config's allocation."""
@@ -165,6 +175,7 @@ class MoELoRAConfig(AdapterConfig):
             "learn_tau": self.learn_tau,
             "tau_range": self.tau_range,
             "dropout": self.dropout,
+            "adapter_dtype": self.adapter_dtype,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,28 +15,97 @@ from torch import Tensor, nn
 
 from medmoe.adapters.layer import AdapterLayer
 
+ADAPTER_DTYPES = ("float32", "base")
+
+
+def adapter_parameter_dtype(base_dtype: torch.dtype, adapter_dtype: str) -> torch.dtype:
+    """The dtype adapter factors are stored in on a base of ``base_dtype``.
+
+    ``"float32"`` (default, as peft's ``autocast_adapter_dtype``): half-precision bases get
+    float32 factors, which the optimizer then updates in float32; float32 and float64 bases keep
+    their own dtype. ``"base"``: the base's dtype. The forward computes in the input's dtype.
+    """
+    if adapter_dtype == "float32":
+        return torch.promote_types(base_dtype, torch.float32)
+    if adapter_dtype == "base":
+        return base_dtype
+    raise ValueError(
+        f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {adapter_dtype!r}"
+    )
+
+
+def in_backward_recomputation() -> bool:
+    """True while autograd runs a backward pass: a forward executed now is a recomputation.
+
+    Gradient checkpointing (``torch.utils.checkpoint``, reentrant or not) re-runs a checkpointed
+    forward from inside the backward's graph task; an ordinary forward runs outside any.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def _in_dtype(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight`` cast to the floating dtype of ``x`` (float32 factors on a bf16 activation)."""
+    if not x.is_floating_point() or weight.dtype == x.dtype:
+        return weight
+    return weight.to(x.dtype)
+
+
+def float32_output_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of two half-precision matrices, accumulated and returned in float32.
+
+    On CUDA one GEMM with a float32 output (``torch.mm(..., out_dtype=torch.float32)``), so no
+    float32 copy of ``a`` or ``b`` is made. Elsewhere (no CPU kernel exists) the inputs are
+    upcast first, with the same result.
+    """
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # a torch without mm's out_dtype (before 2.8)
+            pass
+    return a.float() @ b.float()
+
+
+def _split_half(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A float32 tensor as ``high + low`` in ``dtype``: the pair carries ~16 mantissa bits."""
+    high = t.to(dtype)
+    return high, (t - high.float()).to(dtype)
+
 
 class _Float32Linear(torch.autograd.Function):
-    """``F.linear(x, weight)`` computed in float32 that saves ``x`` in its own dtype.
+    """``F.linear(x, weight)`` of a half-precision ``x`` and a float32 router, in float32.
 
-    Autograd of ``F.linear(x.float(), w)`` would keep a float32 copy of a half-precision ``x``
-    for the backward of every router; this keeps the tensor the expert path saves anyway.
+    No float32 copy of ``x`` (the 4096-wide activation of every adapted layer) is made in
+    forward or backward on CUDA: the float32 weight [N, d_in] and the incoming float32 gradient
+    [..., N], both narrow, are split into two half-precision parts (``high + low``) and every
+    product is a half-precision GEMM with float32 accumulation and output
+    (:func:`float32_output_mm`). ``x``'s own tensor is what backward keeps.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return F.linear(x.float(), weight.float())
+        flat = x.reshape(-1, x.shape[-1])  # [M, d_in]
+        high, low = _split_half(weight.float(), x.dtype)  # [N, d_in] each
+        logits = float32_output_mm(flat, high.T) + float32_output_mm(flat, low.T)  # [M, N]
+        return logits.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
+        flat_x = x.reshape(-1, x.shape[-1])  # [M, d_in]
+        flat_grad = grad.reshape(-1, grad.shape[-1]).float()  # [M, N]
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight.float()).to(x.dtype)
+            # dL/dx = grad @ W: [M, N] x [N, d_in], in x's dtype like the rest of x's gradient
+            if x.is_cuda:  # one half-precision GEMM, no float32 [M, d_in] temporary
+                grad_x = torch.mm(flat_grad.to(x.dtype), weight.to(x.dtype))
+            else:
+                grad_x = (flat_grad @ weight.float()).to(x.dtype)
+            grad_x = grad_x.view_as(x)
         if ctx.needs_input_grad[1]:
-            # [..., N] x [..., d_in] summed over all leading dims -> [N, d_in]
-            grad_weight = grad.flatten(0, -2).T @ x.flatten(0, -2).float()
+            # dL/dW = grad^T @ x summed over all tokens: [N, M] x [M, d_in] -> [N, d_in]
+            g_high, g_low = _split_half(flat_grad, x.dtype)
+            grad_weight = float32_output_mm(g_high.T, flat_x) + float32_output_mm(g_low.T, flat_x)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight
 
@@ -64,6 +133,9 @@ class MoELoRALinear(AdapterLayer):
         learn_tau: learn ``log tau`` (one scalar per layer) or keep it fixed.
         tau_range: ``tau`` is clamped into this closed interval.
         dropout: dropout on the input of the expert path (applied once, shared by all experts).
+        adapter_dtype: ``"float32"`` keeps ``A`` and ``B`` in float32 on a half-precision base
+            (see :func:`adapter_parameter_dtype`); ``"base"`` stores them in the base's dtype.
+            The expert path computes in the input's dtype either way; the router in float32.
     """
 
     # the adapter-layer contract (medmoe.adapters.layer.AdapterLayer)
@@ -83,6 +155,7 @@ class MoELoRALinear(AdapterLayer):
         learn_tau: bool = True,
         tau_range: tuple[float, float] = (0.1, 10.0),
         dropout: float = 0.0,
+        adapter_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -118,7 +191,10 @@ class MoELoRALinear(AdapterLayer):
         self.record_routing = True
         self._last_probs: Tensor | None = None
 
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {
+            "device": base.weight.device,
+            "dtype": adapter_parameter_dtype(base.weight.dtype, adapter_dtype),
+        }
         total_rank = sum(ranks)
         self.lora_A = nn.Parameter(torch.empty(total_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, total_rank, **factory))
@@ -134,13 +210,17 @@ class MoELoRALinear(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         # slot -> expert map and per-slot scale alpha_i / r_i: [sum r]
-        slot_expert = torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(ranks))
+        # (output_size: no device-to-host sync, and it works on the meta device)
+        device = base.weight.device
+        slot_expert = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=device),
+            torch.tensor(ranks, device=device),
+            output_size=total_rank,
+        )
         scales = [alpha / r if alpha is not None else alpha_over_r for r in ranks]
-        self.register_buffer("slot_expert", slot_expert.to(base.weight.device), persistent=False)
+        self.register_buffer("slot_expert", slot_expert, persistent=False)
         self.register_buffer(
-            "slot_scale",
-            torch.tensor(scales, device=base.weight.device)[slot_expert],
-            persistent=False,
+            "slot_scale", torch.tensor(scales, device=device)[slot_expert], persistent=False
         )
         self.scales = tuple(float(s) for s in scales)
         self.total_rank = total_rank
@@ -195,13 +275,25 @@ class MoELoRALinear(AdapterLayer):
 
     @property
     def last_probs(self) -> Tensor | None:
-        """Router probabilities of the last forward ([..., N], float32, with autograd graph)."""
+        """Router probabilities of the last forward ([..., N], float32, with autograd graph).
+
+        This is what the routing losses differentiate. It is recorded by the forward the loss
+        uses and never by a gradient-checkpointing recomputation during backward (which would
+        keep the recomputed activations alive), and cleared by a forward with the adapter off.
+        Readers that only look at routing use :attr:`last_probs_detached` or :attr:`last_gates`.
+        """
         return self._last_probs
 
     @property
+    def last_probs_detached(self) -> Tensor | None:
+        """:attr:`last_probs` without its autograd graph (for callbacks and analysis)."""
+        return None if self._last_probs is None else self._last_probs.detach()
+
+    @property
     def last_gates(self) -> Tensor | None:
-        """Gates the last forward used ([..., N]), derived from :attr:`last_probs`."""
-        return None if self._last_probs is None else self.gates_from_probs(self._last_probs)
+        """Gates the last forward used ([..., N], detached), derived from :attr:`last_probs`."""
+        probs = self.last_probs_detached
+        return None if probs is None else self.gates_from_probs(probs)
 
     def clear_routing(self) -> None:
         self._last_probs = None
@@ -222,7 +314,10 @@ class MoELoRALinear(AdapterLayer):
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
+        records = self.record_routing and not in_backward_recomputation()
         if not self.adapter_enabled:
+            if records:
+                self._last_probs = None  # no routing in this forward: nothing stale to read
             return out
         expert_input = self.dropout(x)
         if self._can_fuse_router(x, expert_input):
@@ -231,14 +326,15 @@ class MoELoRALinear(AdapterLayer):
             hidden, logits = fused.split([self.total_rank, self.num_experts], dim=-1)
             probs = self.probs_from_logits(logits)
         else:
-            hidden = F.linear(expert_input, self.lora_A)  # [..., sum r]
+            hidden = F.linear(expert_input, _in_dtype(self.lora_A, x))  # [..., sum r]
             probs = self.router_probs(x)  # [..., N]
-        if self.record_routing:
+        if records:
             self._last_probs = probs
         gates = self.gates_from_probs(probs)
         # Expand each expert's gate over its rank slots, scaled by alpha_i / r_i: [..., sum r]
         slot_weights = gates.index_select(-1, self.slot_expert) * self.slot_scale
-        return out + F.linear(hidden * slot_weights.to(hidden.dtype), self.lora_B)
+        delta = F.linear(hidden * slot_weights.to(hidden.dtype), _in_dtype(self.lora_B, hidden))
+        return out + delta.to(out.dtype)
 
     def _can_fuse_router(self, x: Tensor, expert_input: Tensor) -> bool:
         overridden = type(self).router_logits is not MoELoRALinear.router_logits or (

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -24,6 +25,7 @@ from medmoe.adapters.config import LLAMA_TARGETS
 from medmoe.adapters.inject import inject_adapter_layers
 from medmoe.adapters.layer import AdapterLayer, layer_adapter_tensors
 from medmoe.adapters.lora import check_lora_fields
+from medmoe.adapters.moe_lora import ADAPTER_DTYPES, adapter_parameter_dtype
 from medmoe.adapters.spec import AdapterSpec
 from medmoe.adapters.state import (
     ADAPTER_CONFIG,
@@ -46,6 +48,9 @@ class MultiLoRALinear(AdapterLayer):
         r: rank of every task adapter.
         lora_alpha: every adapter's update is scaled by ``lora_alpha / r``.
         dropout: dropout on the LoRA path's input.
+        adapter_dtype: ``"float32"`` keeps the factors in float32 on a half-precision base
+            (:func:`~medmoe.adapters.moe_lora.adapter_parameter_dtype`), ``"base"`` in its dtype;
+            the forward computes in the input's dtype.
 
     Set the batch's task ids ([B] integers, or a 0-dim tensor: one task for every sample) with
     :meth:`set_task_ids` before the forward; the input's first dimension must be the batch.
@@ -55,7 +60,13 @@ class MultiLoRALinear(AdapterLayer):
     adapter_tensor_names = ("lora_A", "lora_B")
 
     def __init__(
-        self, base: nn.Linear, num_tasks: int, r: int, lora_alpha: float, dropout: float = 0.0
+        self,
+        base: nn.Linear,
+        num_tasks: int,
+        r: int,
+        lora_alpha: float,
+        dropout: float = 0.0,
+        adapter_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -70,7 +81,10 @@ class MultiLoRALinear(AdapterLayer):
         self.scaling = lora_alpha / r
         self.adapter_enabled = True
         self.task_ids: Tensor | None = None
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {
+            "device": base.weight.device,
+            "dtype": adapter_parameter_dtype(base.weight.dtype, adapter_dtype),
+        }
         self.lora_A = nn.Parameter(torch.empty(num_tasks, r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_tasks, self.out_features, r, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -108,8 +122,9 @@ class MultiLoRALinear(AdapterLayer):
                 f"input batch dimension {batch} does not match {task_ids.shape[0]} task ids"
             )
         hidden = self.dropout(x).reshape(batch, -1, self.in_features)  # [B, L, d_in]
-        a = self.lora_A.index_select(0, task_ids)  # [B, r, d_in]
-        b = self.lora_B.index_select(0, task_ids)  # [B, d_out, r]
+        # factors in the activations' dtype (float32 factors on a bf16 base compute in bf16)
+        a = self.lora_A.index_select(0, task_ids).to(hidden.dtype)  # [B, r, d_in]
+        b = self.lora_B.index_select(0, task_ids).to(hidden.dtype)  # [B, d_out, r]
         low = torch.bmm(hidden, a.transpose(1, 2))  # [B, L, r]
         delta = torch.bmm(low, b.transpose(1, 2))  # [B, L, d_out]
         return out + (delta * self.scaling).reshape(out.shape).to(out.dtype)
@@ -179,6 +194,8 @@ class MultiLoRA(AdapterSpec):
         dropout: dropout on the LoRA path's input, in [0, 1).
         target_modules: names of the adapted linear layers of every decoder layer.
         task_key: the batch key holding the task ids (a LongTensor [B]).
+        adapter_dtype: ``"float32"`` (default, as peft): float32 factors on a bf16/fp16 base;
+            ``"base"``: the base's dtype.
     """
 
     num_tasks: int | None = None
@@ -188,6 +205,7 @@ class MultiLoRA(AdapterSpec):
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
     task_key: str = "task_id"
+    adapter_dtype: Literal["float32", "base"] = "float32"
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
@@ -208,6 +226,11 @@ class MultiLoRA(AdapterSpec):
         if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
             raise ValueError(f"num_tasks must be an integer >= 1, got {self.num_tasks!r}")
         check_lora_fields(self.r, self.lora_alpha, self.dropout, self.target_modules)
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(
+                f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got "
+                f"{self.adapter_dtype!r}"
+            )
 
     def task_index(self, name: str) -> int:
         """The task id of ``name`` (needs ``task_names``)."""
@@ -224,7 +247,12 @@ class MultiLoRA(AdapterSpec):
             model,
             self.target_modules,
             lambda linear, index: MultiLoRALinear(
-                linear, self.num_tasks, self.r, self.lora_alpha, self.dropout
+                linear,
+                self.num_tasks,
+                self.r,
+                self.lora_alpha,
+                self.dropout,
+                adapter_dtype=self.adapter_dtype,
             ),
         )
         object.__setattr__(model, ROUTING_ATTRIBUTE, TaskRouting(model))

@@ -25,9 +25,11 @@ class AdapterExport(Callback):
         self.saved_to: Path | None = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # trainer.log_dir broadcasts from rank zero: every rank must ask, or rank zero waits
+        # for the others forever at the end of a DDP fit
+        root = trainer.log_dir or trainer.default_root_dir
         if trainer.global_rank != 0:
             return
-        root = trainer.log_dir or trainer.default_root_dir
         target = Path(self.dirpath) if self.dirpath else Path(root) / "adapter"
         self.saved_to = pl_module.adapter.save(pl_module.model, target)
         rank_zero_info(f"adapter saved to {self.saved_to}")

@@ -93,12 +93,13 @@ class PaperTables(Callback):
             medical_table([("Base Model", self.base_scores), (label, self.scores)]),
             general_table(self.base_scores, [(label, self.scores)]),
         )
-        if trainer.is_global_zero:
-            self._write(trainer)
-
-    def _write(self, trainer: Trainer) -> None:
-        medical, general = self.tables
+        # trainer.log_dir is a broadcast: every rank asks, then rank zero writes
         directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self._write(directory)
+
+    def _write(self, directory: Path) -> None:
+        medical, general = self.tables
         directory.mkdir(parents=True, exist_ok=True)
         subset = "all" if self.scorer.limit is None else f"a fixed subset of {self.scorer.limit}"
         note = (

@@ -74,7 +74,9 @@ def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad samples into a batch dict.
 
     Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (``-100`` on prompt and
-    padding), task_id [B] (long) and is_general [B] (bool), with T the longest sample.
+    padding), task_id [B] (long) and is_general [B] (bool), with T the longest sample, and
+    target_index [M]: the flat indices into [B, T-1] of the positions whose next token is a
+    target (row-major), so the loss can gather them on the GPU without a host sync.
     """
     width = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
@@ -91,4 +93,5 @@ def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         "labels": labels,
         "task_id": torch.tensor([s.task_id for s in samples], dtype=torch.long),
         "is_general": torch.tensor([s.is_general for s in samples], dtype=torch.bool),
+        "target_index": (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1),
     }

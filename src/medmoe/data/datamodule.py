@@ -309,6 +309,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.tokenizer.pad_token_id,
             rank=self._trainer_value("global_rank", 0),
             world_size=self._trainer_value("world_size", 1),
+            accumulate=self._trainer_value("accumulate_grad_batches", 1),
         )
         return StreamLoader(stream, self.stream_position, num_workers=self.num_workers)
 

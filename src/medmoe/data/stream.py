@@ -5,6 +5,11 @@ mixture weights, then a record uniformly (with replacement). So any position of 
 reachable without replaying it, which makes resuming exact: a run restarted at optimizer step
 ``s`` starts its per-rank stream at position ``s * accumulate_grad_batches * batch_size``, and
 rank ``r`` of ``W`` reads global samples ``p * W + r`` for its positions ``p``.
+
+Because the stream is a pure function, every batch also carries the number of target tokens of
+the whole optimizer step it belongs to (all ``accumulate`` micro-batches of all ``W`` ranks),
+``step_target_tokens``: the loss can be normalised by it without any communication, as
+transformers does with ``num_items_in_batch``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from medmoe.data.collate import Sample, collate
+from medmoe.data.collate import IGNORE_INDEX, Sample, collate
 
 Sampling = Literal["size", "fixed", "temperature"]
 
@@ -104,14 +109,26 @@ class TrainStream(IterableDataset):
         pad_id: int,
         rank: int = 0,
         world_size: int = 1,
+        accumulate: int = 1,
     ) -> None:
+        if epoch_batches % accumulate:
+            raise ValueError(
+                f"epoch_batches={epoch_batches} must be a multiple of accumulate={accumulate} "
+                "(whole optimizer steps per epoch)"
+            )
         self.samples = samples
         self.mixture = mixture
         self.batch_size = batch_size
         self.epoch_batches = epoch_batches
         self.pad_id = pad_id
         self.rank, self.world_size = rank, world_size
+        self.accumulate = accumulate
         self.start = 0
+        # next-token targets of every record: labels[1:] that are not IGNORE_INDEX
+        self._targets = [
+            [sum(label != IGNORE_INDEX for label in labels[1:]) for _, labels in records]
+            for records in samples
+        ]
 
     def __len__(self) -> int:
         """Batches per epoch (also on resume: Lightning counts the batches already seen)."""
@@ -123,16 +140,37 @@ class TrainStream(IterableDataset):
         ids, labels = self.samples[task_id][index]
         return Sample(ids, labels, task_id, general)
 
+    def step_target_tokens(self, position: int) -> int:
+        """Target tokens of the optimizer step holding this rank's stream ``position``.
+
+        The step's micro-batches are the ``accumulate`` consecutive batches (counted from the
+        start of the epoch) that contain ``position``, on every one of the ``W`` ranks.
+        """
+        window = self.accumulate * self.batch_size
+        first = position - position % window  # epochs hold whole steps, so windows align
+        total = 0
+        for global_index in range(first * self.world_size, (first + window) * self.world_size):
+            task_id, index, _ = self.mixture(global_index)
+            total += self._targets[task_id][index]
+        return total
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch_len = self.epoch_batches * self.batch_size
         end = (self.start // epoch_len + 1) * epoch_len  # the end of the current epoch
         n_batches = math.ceil((end - self.start) / self.batch_size)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        step_tokens: tuple[int, int] = (-1, 0)  # (window start, its target tokens), a cache
+        window = self.accumulate * self.batch_size
         for b in range(worker, n_batches, workers):
             lo = self.start + b * self.batch_size
-            batch = [self.sample(p) for p in range(lo, min(lo + self.batch_size, end))]
-            yield collate(batch, self.pad_id)
+            batch = collate(
+                [self.sample(p) for p in range(lo, min(lo + self.batch_size, end))], self.pad_id
+            )
+            if step_tokens[0] != lo - lo % window:
+                step_tokens = (lo - lo % window, self.step_target_tokens(lo))
+            batch["step_target_tokens"] = torch.tensor(step_tokens[1], dtype=torch.long)
+            yield batch
 
 
 class StreamLoader(DataLoader):
