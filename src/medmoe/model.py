@@ -24,6 +24,7 @@ from medmoe.adapters import MoELoRALinear, enable_gradient_checkpointing
 from medmoe.adapters.spec import AdapterSpec
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
+from medmoe.resume import check_resume
 
 IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -370,6 +371,13 @@ class MedMoEModule(LightningModule):
         checkpoint["medmoe_rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        check_resume(
+            checkpoint.get("hyper_parameters"),
+            self.hparams,
+            fitting=trainer is not None and trainer.state.fn == "fit",
+            where=f"checkpoint {trainer.ckpt_path}" if trainer is not None else "the checkpoint",
+        )
         self.configure_model()
         self._resumed_rng_states = checkpoint.get("medmoe_rng_states")
         state = checkpoint.get("state_dict")
