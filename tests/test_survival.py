@@ -199,3 +199,34 @@ def test_last_ckpt_holds_the_final_step_and_a_longer_resume_continues_the_schedu
 
     expected = 1e-2 * 0.5 * (1 + math.cos(math.pi * 5 / 8))
     assert first.lr == pytest.approx(expected, rel=1e-6)
+
+
+# --- the CLI's own output ---------------------------------------------------------------------
+
+
+def test_help_has_no_optimizer_or_lr_scheduler_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--trainer.max_steps" in out and "--overwrite" in out
+    assert "--optimizer" not in out and "--lr_scheduler" not in out
+
+
+@pytest.mark.slow
+def test_print_config_is_valid_yaml_under_deepspeed():
+    import yaml
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    ds = ROOT / "configs" / "multi_gpu" / "deepspeed_zero2.yaml"
+    args = ["fit", "--config", str(DEMO), "--config", str(ds), "--print_config"]
+    done = subprocess.run(
+        [sys.executable, "-m", "medmoe", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = yaml.safe_load(done.stdout)  # the finding: a DeepSpeed log line opened stdout
+    assert config["trainer"]["strategy"]["class_path"].endswith("DeepSpeedStrategy")

@@ -13,17 +13,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from medmoe.callbacks.checkpoint import EXIT_CODES, ResumableCheckpoint
 from medmoe.data import MultiTaskDataModule
-from medmoe.errors import describe_user_error, read_checkpoint
+from medmoe.errors import describe_parser_error, describe_user_error, read_checkpoint
 from medmoe.model import MedMoEModule
 
 EXIT_INPUT_ERROR = 2
+COMMANDS = ("fit", "validate", "test", "predict")
 DEBUG_FLAG = "--debug"
 
 
@@ -99,6 +102,49 @@ class MedMoECLI(LightningCLI):
             raise SystemExit(EXIT_CODES.get(by, 1)) from None
 
 
+class PredictCLI(MedMoECLI):
+    """``medmoe predict``: the config's model and data, and the options of :mod:`medmoe.predict`."""
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__(
+            MedMoEModule,
+            MultiTaskDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False},
+            run=False,
+            args=args,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="a fit's .ckpt")
+        parser.add_argument(
+            "--adapter_dir", type=str | None, default=None, help="an AdapterExport directory"
+        )
+        parser.add_argument(
+            "--task", type=str | None, default=None, help="one task of the data; null = all"
+        )
+        parser.add_argument("--split", type=str, default="test", help="split the records come from")
+        parser.add_argument(
+            "--limit", type=int | None, default=None, help="records per task (fixed subset)"
+        )
+        parser.add_argument(
+            "--prompts", type=str | None, default=None, help="JSONL of {'prompt': ...} lines"
+        )
+        parser.add_argument("--output", type=str, default="predictions.jsonl", help="JSONL output")
+        parser.add_argument(
+            "--mode", type=Literal["generate", "score"], default="generate", help="generate|score"
+        )
+        parser.add_argument("--max_new_tokens", type=int, default=32, help="generation budget")
+        parser.add_argument(
+            "--stop", type=list[str], default=["\n\n"], help="strings that end a generation"
+        )
+        parser.add_argument("--batch_size", type=int, default=16, help="prompts per forward")
+
+
 def run_cli(args: list[str] | None = None) -> MedMoECLI:
     """Run ``medmoe`` with ``args`` (default: the command line) and return the CLI object."""
     return MedMoECLI(
@@ -108,6 +154,7 @@ def run_cli(args: list[str] | None = None) -> MedMoECLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},  # the run-directory guard runs before
         auto_configure_optimizers=False,  # MedMoEModule.configure_optimizers is the one policy
+        parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in COMMANDS}},
         args=args,
     )
 
@@ -122,15 +169,29 @@ class _StderrFilter(logging.Filter):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``medmoe`` and ``python -m medmoe`` (exit status: see the module docs)."""
-    args = list(sys.argv[1:] if args is None else args)
-    debug = DEBUG_FLAG in args or os.environ.get("MEDMOE_DEBUG", "") not in ("", "0")
-    args = [a for a in args if a != DEBUG_FLAG]
+    given = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in given or os.environ.get("MEDMOE_DEBUG", "") not in ("", "0")
+    if args is None:
+        sys.argv = [sys.argv[0], *(a for a in given if a != DEBUG_FLAG)]
+    else:
+        args = [a for a in given if a != DEBUG_FLAG]
     logging.getLogger("DeepSpeed").addFilter(_StderrFilter())  # keep stdout for --print_config
     try:
-        run_cli(args)
-    except Exception as err:
-        message = None if debug else describe_user_error(err)
-        if message is None:
+        if given[:1] == ["predict"]:
+            from medmoe.predict import predict_main
+
+            predict_main([a for a in given[1:] if a != DEBUG_FLAG])
+        else:
+            run_cli(args)
+    except ArgumentError as err:  # jsonargparse: a bad key, type or value in the config
+        if debug:
             raise
-        sys.stderr.write(f"medmoe: error: {message}\n")
+        sys.stderr.write(f"medmoe: error: {describe_parser_error(str(err))}\n")
         raise SystemExit(EXIT_INPUT_ERROR) from None
+    except Exception as err:
+        described = None if debug else describe_user_error(err)
+        if described is None:
+            raise
+        message, code = described
+        sys.stderr.write(f"medmoe: error: {message}\n")
+        raise SystemExit(code) from None

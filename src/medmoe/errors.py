@@ -8,6 +8,7 @@ errors and Namespace dumps) and returns it as one sentence for the CLI's last st
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,10 @@ def _chain(err: BaseException) -> list[BaseException]:
     while current is not None and id(current) not in seen:
         out.append(current)
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        if current.__cause__ is not None:
+            current = current.__cause__
+        else:  # ``raise ... from None`` hides the context on purpose
+            current = None if current.__suppress_context__ else current.__context__
     return out
 
 
@@ -54,8 +58,10 @@ def _raised_in_medmoe(err: BaseException) -> tuple[bool, str | None]:
     return inside, None if owner is None else type(owner).__name__
 
 
-def describe_user_error(err: BaseException) -> str | None:
-    """One line naming the bad input behind ``err``, or ``None`` if it is no input error.
+def describe_user_error(err: BaseException) -> tuple[str, int] | None:
+    """``(one line naming the fault behind err, exit status)``, or ``None`` for other errors.
+
+    Exit status 2 for a bad input, 1 for a fault while running (a non-finite loss).
 
     The deepest error of the chain that medmoe raised (a dataclass's ``__post_init__`` counts:
     its frame is ``<string>``-generated ``__init__`` calling medmoe code) and whose type is one
@@ -71,7 +77,7 @@ def describe_user_error(err: BaseException) -> str | None:
         text = " ".join(str(text).split())
         if owner and not text.startswith(owner):
             text = f"{owner}: {text}"
-        return text
+        return text, 1 if isinstance(candidate, FloatingPointError) else 2
     return None
 
 
@@ -115,3 +121,61 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
             "(give the last.ckpt a medmoe fit wrote)"
         )
     return checkpoint
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def local_or_hub(name: str, key: str) -> str:
+    """``name`` as a local path if it exists, else as a hub id if it looks like one.
+
+    A string that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) but does not exist
+    raises FileNotFoundError at once, naming ``key``: no hub retries for a mistyped path.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if not HUB_ID.match(name) or name.endswith((".", "-")):
+        raise FileNotFoundError(
+            f"{key} {name!r} is no existing local directory (and no hub id, which looks like "
+            "'org/name')"
+        )
+    return name
+
+
+def short_reason(err: BaseException, width: int = 160) -> str:
+    """The first line of ``err``'s message, at most ``width`` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:width]
+
+
+_BOILERPLATE = re.compile(
+    r"^(Parser key \"|Does not validate against any of the Union subtypes|Subtypes: |Errors:|"
+    r"- Expected a <class 'NoneType'>|Given value|- Problem with given class_path|tip: )"
+)
+
+
+def describe_parser_error(text: str) -> str:
+    """One line from jsonargparse's nested error tree: the config key path and the innermost
+    message (``model.adapter.allocation: Expected a typing.Literal[...]. Got value: eq3``)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    stack: list[tuple[int, str]] = []
+    best: tuple[int, str, list[str]] | None = None
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        body = line.strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = re.match(r'Parser key "([^"]+)"', body)
+        if key:
+            stack.append((indent, key.group(1)))
+            continue
+        if _BOILERPLATE.match(body.lstrip("- ").strip()) or _BOILERPLATE.match(body):
+            continue
+        if best is None or indent > best[0]:
+            best = (indent, body.lstrip("- "), [k for _, k in stack])
+    if best is None:
+        return " ".join(text.split())[:300]
+    _, message, keys = best
+    path = ".".join(keys)
+    return f"config key {path}: {message}" if path else message

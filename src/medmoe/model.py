@@ -6,7 +6,6 @@ import importlib
 import math
 import random
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,6 +21,7 @@ from transformers import (
 
 from medmoe.adapters import MoELoRALinear, enable_gradient_checkpointing
 from medmoe.adapters.spec import AdapterSpec
+from medmoe.errors import local_or_hub, short_reason
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
 from medmoe.resume import check_resume
@@ -64,6 +64,9 @@ class MedMoEModule(LightningModule):
             factor (Ortho-LoRA, PCGrad-style, per factor) before each optimizer step; works
             with peft LoRA and MoE-LoRA adapters. ``"none"`` trains on the summed gradient.
         projection_order: Ortho-LoRA's task order, ``"shuffle"`` (seeded) or ``"fixed"``.
+        allow_vocab_mismatch: train although the tokenizer's size differs from the model's
+            embedding rows (by default refused: ids the tokenizer never emits, or a tokenizer
+            that is not the model's, go unnoticed otherwise).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class MedMoEModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         gradient_projection: Literal["none", "ortho"] = "none",
         projection_order: Literal["shuffle", "fixed"] = "shuffle",
+        allow_vocab_mismatch: bool = False,
     ) -> None:
         super().__init__()
         if model_name_or_path is None and tiny_llama is None:
@@ -173,17 +177,28 @@ class MedMoEModule(LightningModule):
             from medmoe.data import toy_base_path
 
             path = str(toy_base_path())
-        elif Path(path).expanduser().exists():
-            path = str(Path(path).expanduser())
+        else:
+            path = local_or_hub(path, "model_name_or_path")
         kwargs: dict[str, Any] = {"dtype": dtype}
         if self.hparams.attn_implementation:
             kwargs["attn_implementation"] = self.hparams.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"model_name_or_path {path!r} could not be loaded ({short_reason(err)})"
+            ) from err
         vocab = self.hparams.vocab_size
-        if vocab is not None and vocab > model.get_input_embeddings().num_embeddings:
+        rows = model.get_input_embeddings().num_embeddings
+        if vocab is not None and vocab > rows:
             raise ValueError(
-                f"the tokenizer has {vocab} tokens but {path} embeds only "
-                f"{model.get_input_embeddings().num_embeddings}: pair the model with its tokenizer"
+                f"the tokenizer has {vocab} tokens but {path} embeds only {rows}: pair the "
+                "model with its tokenizer"
+            )
+        if vocab is not None and vocab != rows and not self.hparams.allow_vocab_mismatch:
+            raise ValueError(
+                f"the tokenizer has {vocab} tokens but {path} embeds {rows}: pair the model "
+                "with its own tokenizer, or set model.init_args.allow_vocab_mismatch: true"
             )
         return model
 
