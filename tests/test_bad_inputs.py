@@ -311,6 +311,51 @@ CASES = [
         lambda tmp, run: [*load_weights(cut=False)(tmp, run), "--ckpt_path", str(last(run))],
         ("LoadAdapterWeights", "--ckpt_path"),
     ),
+    # --- medmoe predict
+    Case(
+        "predict_no_weights",
+        arg(),
+        ("exactly one of --ckpt_path or --adapter_dir",),
+        command="predict",
+    ),
+    Case(
+        "predict_unknown_task",
+        lambda tmp, run: ["--adapter_dir", str(run / "adapter"), "--task", "mmlu"],
+        ("--task 'mmlu'", "its tasks"),
+        command="predict",
+    ),
+    Case(
+        "predict_bad_prompts",
+        lambda tmp, run: [
+            "--adapter_dir",
+            str(run / "adapter"),
+            "--prompts",
+            write(tmp, "p.jsonl", '{"prompt": ""}\n'),
+        ],
+        ("p.jsonl, line 1", "'prompt'"),
+        command="predict",
+    ),
+    Case(
+        "predict_score_generation",
+        lambda tmp, run: [
+            "--adapter_dir",
+            str(run / "adapter"),
+            "--task",
+            "gsm8k",
+            "--limit",
+            "1",
+            "--mode",
+            "score",
+        ],
+        ("--mode score", "'gsm8k'"),
+        command="predict",
+    ),
+    Case(
+        "predict_truncated_adapter",
+        lambda tmp, run: ["--adapter_dir", adapter_copy(tmp, run, cut=True)],
+        ("adapter_model.safetensors", "truncated"),
+        command="predict",
+    ),
     # --- a fault while training: exit 1, no traceback
     Case(
         "nan_loss",

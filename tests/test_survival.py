@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,3 +231,69 @@ def test_print_config_is_valid_yaml_under_deepspeed():
     assert done.returncode == 0, done.stderr[-2000:]
     config = yaml.safe_load(done.stdout)  # the finding: a DeepSpeed log line opened stdout
     assert config["trainer"]["strategy"]["class_path"].endswith("DeepSpeedStrategy")
+
+
+def test_sigint_is_a_graceful_stop_with_a_checkpoint(tmp_path):
+    from lightning.pytorch import Callback, seed_everything
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from test_training import _data, _module, _trainer
+
+    from medmoe.callbacks import ResumableCheckpoint
+
+    class CtrlC(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal, mid-epoch
+
+    seed_everything(0)
+    data = _data()
+    ckpt = ResumableCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=100)
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SIGTERMException):
+        _trainer(tmp_path, 8, [ckpt, CtrlC()]).fit(_module(data), datamodule=data)
+    assert ckpt.interrupted_by == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert 3 <= saved["global_step"] <= 4  # stopped at the next step boundary
+
+
+def test_toy_tokenizer_warns_when_it_cannot_read_real_text():
+    from medmoe.data import MultiTaskDataModule, TaskConfig
+
+    fixtures = ROOT / "tests" / "fixtures"
+    tasks = [TaskConfig("medqa", source=str(fixtures / "medqa.jsonl"))]
+    data = MultiTaskDataModule(tasks=tasks, replay=[], tokenizer="toy", max_length=512)
+    with pytest.warns(
+        UserWarning, match=r"maps \d+% of task 'medqa'.s tokens to <unk> \(warned above 1%\)"
+    ):
+        data.setup("fit")
+    byte = MultiTaskDataModule(tasks=tasks, replay=[], tokenizer="byte", max_length=512)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        byte._encode("medqa", byte.records("medqa", "train"))  # bytes cover any text
+
+
+def test_overlapping_evaluation_is_refused_or_warned_when_allowed(tmp_path):
+    from medmoe.data import MultiTaskDataModule, TaskConfig
+
+    mmlu = ROOT / "tests" / "fixtures" / "mmlu.jsonl"
+    copy = tmp_path / "mmlu_eval.jsonl"
+    shutil.copy(mmlu, copy)
+    task = dict(name="mmlu", source=str(mmlu), eval_source=str(copy))
+    data = MultiTaskDataModule(
+        tasks=[TaskConfig(**task)], replay=[], tokenizer="byte", max_length=512
+    )
+    with pytest.raises(ValueError, match="5 of 5 validation records are also training"):
+        data.setup("fit")
+    allowed = MultiTaskDataModule(
+        tasks=[TaskConfig(**task, allow_overlap=True)], replay=[], tokenizer="byte", max_length=512
+    )
+    with pytest.warns(UserWarning, match="CONTAMINATED EVALUATION"):
+        allowed.setup("fit")
+    # one file alone is carved: no overlap, no warning
+    single = MultiTaskDataModule(
+        tasks=[TaskConfig("mmlu", source=str(mmlu))], replay=[], tokenizer="byte", max_length=512
+    )
+    single.setup("fit")
