@@ -74,9 +74,9 @@ class MedMoECLI(LightningCLI):
         log_dir = Path(self.trainer.log_dir)
         if not log_dir.is_dir():
             return
-        existing = sorted(p.name for p in log_dir.iterdir())
+        existing = sorted(p.name for p in log_dir.iterdir() if _is_run_output(p.name))
         if not existing:
-            return
+            return  # empty, or only files a launcher put there (the experiment runner's)
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and log_dir.resolve() in Path(ckpt_path).resolve().parents:
             return  # resuming in the run's own directory
@@ -143,6 +143,14 @@ class PredictCLI(MedMoECLI):
             "--stop", type=list[str], default=["\n\n"], help="strings that end a generation"
         )
         parser.add_argument("--batch_size", type=int, default=16, help="prompts per forward")
+
+
+RUN_OUTPUTS = ("config.yaml", "hparams.yaml", "checkpoints", "adapter", "tables")
+
+
+def _is_run_output(name: str) -> bool:
+    """Whether a file in a log directory is what a fit writes (config, events, checkpoints)."""
+    return name in RUN_OUTPUTS or name.startswith("events.out.tfevents")
 
 
 def run_cli(args: list[str] | None = None) -> MedMoECLI:
