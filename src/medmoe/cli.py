@@ -20,7 +20,6 @@ from typing import Literal
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from medmoe.callbacks.checkpoint import EXIT_CODES, ResumableCheckpoint
 from medmoe.data import MultiTaskDataModule
 from medmoe.errors import describe_parser_error, describe_user_error, read_checkpoint
 from medmoe.model import MedMoEModule
@@ -90,6 +89,9 @@ class MedMoECLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:
+            # imported here: medmoe.callbacks pulls in every callback (plotting included)
+            from medmoe.callbacks.checkpoint import EXIT_CODES, ResumableCheckpoint
+
             checkpoints = [c for c in self.trainer.callbacks if isinstance(c, ResumableCheckpoint)]
             by = next((c.interrupted_by for c in checkpoints if c.interrupted_by), "SIGTERM")
             path = next((c.last_model_path for c in checkpoints if c.last_model_path), None)
