@@ -45,3 +45,34 @@ def token_batch() -> dict[str, torch.Tensor]:
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 7:] = 0  # a right-padded row
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished 5-step `medmoe fit` of the toy base: <run>/{checkpoints/last.ckpt, adapter/}."""
+    from pathlib import Path
+
+    from medmoe.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    save_dir = tmp_path_factory.mktemp("trained")
+    main(
+        [
+            "fit",
+            "--config",
+            str(root / "configs" / "demo.yaml"),
+            "--config",
+            str(root / "tests" / "configs" / "tiny_fit.yaml"),
+            "--model.init_args.tiny_llama",
+            "null",
+            "--model.init_args.model_name_or_path",
+            "toy",
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            "--trainer.max_steps",
+            "5",
+        ]
+    )
+    run = save_dir / "demo" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "adapter").is_dir()
+    return run

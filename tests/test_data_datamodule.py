@@ -234,7 +234,9 @@ def test_fixture_sources_in_the_datamodule():
     assert [len(dm.records("pubmedqa", s)) for s in ("train", "validation", "test")] == [2, 1, 3]
     expected = load_records("pubmedqa", tasks[0].source, "validation")
     assert dm.eval_examples("pubmedqa") == [get_task("pubmedqa").eval_example(expected[0])]
-    assert len(dm.eval_examples("gsm8k", split="test")) == 4  # GSM8K has its own test split
+    # one file carved for GSM8K too (10% / 5% with at least one each): 1 test, 1 validation
+    assert [len(dm.records("gsm8k", s)) for s in ("train", "validation", "test")] == [2, 1, 1]
+    assert len(dm.eval_examples("gsm8k", split="test")) == 1
 
 
 def test_yaml_config_through_jsonargparse():

@@ -53,7 +53,7 @@ def test_pubmedqa_fixture():
 
 def test_medqa_fixture():
     task = get_task("medqa")
-    records = load_records(task, fixture("medqa.jsonl"), "test")
+    records = load_records(task, fixture("medqa.jsonl"), "test", whole_file=True)
     prompt, target = task.format(records[0])
     assert prompt.splitlines()[1:] == [
         "A. Acute cystitis", "B. Acute pyelonephritis", "C. Nephrolithiasis",
@@ -66,7 +66,7 @@ def test_medqa_fixture():
 
 def test_mmlu_fixture():
     task = get_task("mmlu")
-    records = load_records(task, fixture("mmlu.jsonl"), "test")
+    records = load_records(task, fixture("mmlu.jsonl"), "test", whole_file=True)
     prompt, target = task.format(records[0])
     assert prompt == (
         "Question: Which cranial nerve innervates the lateral rectus muscle?\n"
@@ -89,7 +89,7 @@ def test_mmlu_unwraps_the_auxiliary_train_nesting():
 
 def test_gsm8k_fixture():
     task = get_task("gsm8k")
-    records = load_records(task, fixture("gsm8k.jsonl"), "test")
+    records = load_records(task, fixture("gsm8k.jsonl"), "test", whole_file=True)
     prompt, target = task.format(records[0])
     assert prompt == f"Question: {records[0]['question']}\nAnswer:"
     assert target == " " + records[0]["answer"] and target.endswith("#### 9")
@@ -124,15 +124,28 @@ def test_field_map_renames_a_stand_in_export(tmp_path):
     }
 
 
-def test_single_file_is_carved_only_for_carved_splits():
+def test_single_file_is_carved_into_disjoint_deterministic_splits():
     pubmed = {s: load_records("pubmedqa", fixture("pubmedqa.jsonl"), s) for s in ("train", "test")}
     assert [len(pubmed["train"]), len(pubmed["test"])] == [2, 3]  # 40% / 50%, like the hub
     assert not {r["pubid"] for r in pubmed["train"]} & {r["pubid"] for r in pubmed["test"]}
-    medqa = fixture("medqa.jsonl")
-    assert len(load_records("medqa", medqa, "test")) == 4  # MedQA has a test split upstream
-    assert len(load_records("medqa", medqa, "validation")) == 1  # carved from train
-    assert len(load_records("medqa", medqa, "train")) == 3
-    assert len(load_records("mmlu", fixture("mmlu.jsonl"), "dev")) == 5  # never carved
+    # the finding: MMLU from one file gave every split all records; MedQA test all of them
+    for task, name, train in (
+        ("medqa", "medqa.jsonl", "train"),
+        ("mmlu", "mmlu.jsonl", "auxiliary_train"),
+    ):
+        parts = {s: load_records(task, fixture(name), s) for s in (train, "validation", "test")}
+        keys = {s: {json.dumps(r, sort_keys=True) for r in rs} for s, rs in parts.items()}
+        assert all(keys.values())
+        assert not keys[train] & keys["test"] and not keys[train] & keys["validation"]
+        assert not keys["validation"] & keys["test"]
+        total = len(load_records(task, fixture(name), "test", whole_file=True))
+        assert sum(len(v) for v in parts.values()) == total
+        assert load_records(task, fixture(name), "test") == parts["test"]  # deterministic
+    assert load_records("mmlu", fixture("mmlu.jsonl"), "train") == load_records(
+        "mmlu", fixture("mmlu.jsonl"), "auxiliary_train"
+    )
+    with pytest.raises(ValueError, match="split 'dev' needs a directory holding dev.jsonl"):
+        load_records("mmlu", fixture("mmlu.jsonl"), "dev")
 
 
 def test_directory_source_carves_missing_splits(tmp_path):
@@ -220,8 +233,10 @@ def test_bad_value_names_value_and_accepted(task, name, line, value, accepted):
 def test_unreadable_file_names_path_and_task(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"question": "Q", "answer": "#### 1"}\n{not json\n')
-    with pytest.raises(ValueError, match=f"could not read {path} for task 'gsm8k'"):
+    with pytest.raises(ValueError) as err:
         load_records("gsm8k", str(path), "train")
+    assert str(err.value).startswith(f"{path}, line 2: not valid JSON")
+    assert "task 'gsm8k'" in str(err.value)
 
 
 def test_unsupported_extension(tmp_path):

@@ -171,6 +171,7 @@ def test_importing_a_sibling_through_its_package_is_an_edge(tmp_path: Path, stat
 
 def test_the_base_model_loader_does_not_reach_into_the_data_package() -> None:
     graph = ImportGraph(_module_files())
-    assert graph.edges["medmoe.base_model"] == ["medmoe.assets"]
+    assert graph.edges["medmoe.base_model"] == ["medmoe.assets", "medmoe.errors"]
+    assert graph.edges["medmoe.errors"] == []  # a leaf: error wording only
     assert graph.edges["medmoe.assets"] == []
     assert not [e for e in graph.edges["medmoe.data.toy_clinic"] if e.startswith("medmoe.data.tok")]

@@ -1,15 +1,42 @@
-"""The ``medmoe`` command: a LightningCLI with fit / validate / test / predict."""
+"""The ``medmoe`` command: a LightningCLI with fit / validate / test / predict.
+
+Exit status: 0 success; 2 a bad input (config value, file, checkpoint; the last stderr line
+names it); 1 a fault while running (e.g. a NaN loss) or an unexpected error (with its
+traceback); 143 / 130 stopped by SIGTERM / SIGINT after writing ``last.ckpt`` (requeue and
+resume with ``--ckpt_path <run>/checkpoints/last.ckpt``).
+
+``--debug`` (or ``MEDMOE_DEBUG=1``) shows the full traceback of input errors too.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Literal
+
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from medmoe.data import MultiTaskDataModule
+from medmoe.errors import describe_parser_error, describe_user_error, read_checkpoint
 from medmoe.model import MedMoEModule
+
+EXIT_INPUT_ERROR = 2
+COMMANDS = ("fit", "validate", "test", "predict")
+DEBUG_FLAG = "--debug"
 
 
 class MedMoECLI(LightningCLI):
-    """LightningCLI in subclass mode; the data's vocabulary and task list feed the model."""
+    """LightningCLI in subclass mode; the data's vocabulary and task list feed the model.
+
+    Unlike LightningCLI, ``--ckpt_path`` never replaces the model arguments given on the
+    command line with the checkpoint's: the checkpoint is read once here (a truncated or foreign
+    file is reported naming its path) and :meth:`MedMoEModule.on_load_checkpoint` refuses a
+    resume whose adapter or hyper-parameters differ from the checkpoint's.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(
@@ -18,6 +45,114 @@ class MedMoECLI(LightningCLI):
         parser.link_arguments(
             "data.task_names", "model.init_args.task_names", apply_on="instantiate"
         )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit into a run directory that already holds another run's files",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Check that ``ckpt_path`` is a readable checkpoint; do not merge its hyper-parameters."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt_path:
+            read_checkpoint(ckpt_path)
+
+    def before_fit(self) -> None:
+        self._guard_run_directory()
+
+    def _guard_run_directory(self) -> None:
+        """Refuse a log directory that already holds files, unless resuming there or told to."""
+        config = self.config[self.subcommand]
+        if config.get("overwrite") or os.environ.get("LOCAL_RANK", "0") != "0":
+            return
+        if self.trainer.global_rank != 0 or self.trainer.logger is None:
+            return
+        log_dir = Path(self.trainer.log_dir)
+        if not log_dir.is_dir():
+            return
+        existing = sorted(p.name for p in log_dir.iterdir() if _is_run_output(p.name))
+        if not existing:
+            return  # empty, or only files a launcher put there (the experiment runner's)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and log_dir.resolve() in Path(ckpt_path).resolve().parents:
+            return  # resuming in the run's own directory
+        raise FileExistsError(
+            f"run directory {log_dir} already holds another run's files ({', '.join(existing[:4])}"
+            f"{', ...' if len(existing) > 4 else ''}); choose another trainer.logger.init_args."
+            "version (or name), resume with --ckpt_path pointing into it, or pass --overwrite true"
+        )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            # imported here: medmoe.callbacks pulls in every callback (plotting included)
+            from medmoe.callbacks.checkpoint import EXIT_CODES, ResumableCheckpoint
+
+            checkpoints = [c for c in self.trainer.callbacks if isinstance(c, ResumableCheckpoint)]
+            by = next((c.interrupted_by for c in checkpoints if c.interrupted_by), "SIGTERM")
+            path = next((c.last_model_path for c in checkpoints if c.last_model_path), None)
+            step = self.trainer.global_step
+            if path:
+                message = f"resume with --ckpt_path {path}"
+            else:
+                message = "no checkpoint was written: add a ResumableCheckpoint callback"
+            sys.stderr.write(f"medmoe: {by} stopped the run at global step {step}; {message}\n")
+            raise SystemExit(EXIT_CODES.get(by, 1)) from None
+
+
+class PredictCLI(MedMoECLI):
+    """``medmoe predict``: the config's model and data, and the options of :mod:`medmoe.predict`."""
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__(
+            MedMoEModule,
+            MultiTaskDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            parser_kwargs={"exit_on_error": False},
+            run=False,
+            args=args,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="a fit's .ckpt")
+        parser.add_argument(
+            "--adapter_dir", type=str | None, default=None, help="an AdapterExport directory"
+        )
+        parser.add_argument(
+            "--task", type=str | None, default=None, help="one task of the data; null = all"
+        )
+        parser.add_argument("--split", type=str, default="test", help="split the records come from")
+        parser.add_argument(
+            "--limit", type=int | None, default=None, help="records per task (fixed subset)"
+        )
+        parser.add_argument(
+            "--prompts", type=str | None, default=None, help="JSONL of {'prompt': ...} lines"
+        )
+        parser.add_argument("--output", type=str, default="predictions.jsonl", help="JSONL output")
+        parser.add_argument(
+            "--mode", type=Literal["generate", "score"], default="generate", help="generate|score"
+        )
+        parser.add_argument("--max_new_tokens", type=int, default=32, help="generation budget")
+        parser.add_argument(
+            "--stop", type=list[str], default=["\n\n"], help="strings that end a generation"
+        )
+        parser.add_argument("--batch_size", type=int, default=16, help="prompts per forward")
+
+
+RUN_OUTPUTS = ("config.yaml", "hparams.yaml", "checkpoints", "adapter", "tables")
+
+
+def _is_run_output(name: str) -> bool:
+    """Whether a file in a log directory is what a fit writes (config, events, checkpoints)."""
+    return name in RUN_OUTPUTS or name.startswith("events.out.tfevents")
 
 
 def run_cli(args: list[str] | None = None) -> MedMoECLI:
@@ -27,11 +162,46 @@ def run_cli(args: list[str] | None = None) -> MedMoECLI:
         MultiTaskDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True},  # the run-directory guard runs before
+        auto_configure_optimizers=False,  # MedMoEModule.configure_optimizers is the one policy
+        parser_kwargs={"exit_on_error": False, **{c: {"exit_on_error": False} for c in COMMANDS}},
         args=args,
     )
 
 
+class _StderrFilter(logging.Filter):
+    """Writes a logger's records to stderr instead of its handlers (DeepSpeed logs to stdout)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        sys.stderr.write(f"[{record.levelname}] {record.getMessage()}\n")
+        return False
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``medmoe`` and ``python -m medmoe`` (exit status 0 on success)."""
-    run_cli(args)
+    """Entry point of ``medmoe`` and ``python -m medmoe`` (exit status: see the module docs)."""
+    given = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in given or os.environ.get("MEDMOE_DEBUG", "") not in ("", "0")
+    if args is None:
+        sys.argv = [sys.argv[0], *(a for a in given if a != DEBUG_FLAG)]
+    else:
+        args = [a for a in given if a != DEBUG_FLAG]
+    logging.getLogger("DeepSpeed").addFilter(_StderrFilter())  # keep stdout for --print_config
+    try:
+        if given[:1] == ["predict"]:
+            from medmoe.predict import predict_main
+
+            predict_main(PredictCLI(args=[a for a in given[1:] if a != DEBUG_FLAG]))
+        else:
+            run_cli(args)
+    except ArgumentError as err:  # jsonargparse: a bad key, type or value in the config
+        if debug:
+            raise
+        sys.stderr.write(f"medmoe: error: {describe_parser_error(str(err))}\n")
+        raise SystemExit(EXIT_INPUT_ERROR) from None
+    except Exception as err:
+        described = None if debug else describe_user_error(err)
+        if described is None:
+            raise
+        message, code = described
+        sys.stderr.write(f"medmoe: error: {message}\n")
+        raise SystemExit(code) from None

@@ -25,6 +25,7 @@ from medmoe.losses import NonFiniteLossWatch, step_token_objective, target_token
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
 from medmoe.optimization import is_deepspeed, optimizer_class, parameter_groups
+from medmoe.resume import check_resume
 from medmoe.rng import gather_rng_states, rank_rng_state, set_rng_states
 
 
@@ -71,6 +72,9 @@ class MedMoEModule(LightningModule):
             :class:`~medmoe.data.MultiTaskDataModule` attaches), so every target token weighs
             the same, as transformers' ``num_items_in_batch``. ``"micro_batch"``: each
             micro-batch's own token mean, averaged over micro-batches and ranks.
+        allow_vocab_mismatch: train although the tokenizer's size differs from the model's
+            embedding rows (by default refused: ids the tokenizer never emits, or a tokenizer
+            that is not the model's, go unnoticed otherwise).
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class MedMoEModule(LightningModule):
         gradient_projection: Literal["none", "ortho"] = "none",
         projection_order: Literal["shuffle", "fixed"] = "shuffle",
         loss_normalization: Literal["step_tokens", "micro_batch"] = "step_tokens",
+        allow_vocab_mismatch: bool = False,
     ) -> None:
         super().__init__()
         if model_name_or_path is None and tiny_llama is None:
@@ -143,6 +148,7 @@ class MedMoEModule(LightningModule):
             vocab_size=self.hparams.vocab_size,
             torch_dtype=self.hparams.torch_dtype,
             attn_implementation=self.hparams.attn_implementation,
+            allow_vocab_mismatch=self.hparams.allow_vocab_mismatch,
         )
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(base)
@@ -355,8 +361,14 @@ class MedMoEModule(LightningModule):
         checkpoint["medmoe_rng_states"] = gather_rng_states()  # every rank's (a collective)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.configure_model()
         trainer = self._trainer
+        check_resume(
+            checkpoint.get("hyper_parameters"),
+            self.hparams,
+            fitting=trainer is not None and trainer.state.fn == "fit",
+            where=f"checkpoint {trainer.ckpt_path}" if trainer is not None else "the checkpoint",
+        )
+        self.configure_model()
         self._resumed_rng_states = rank_rng_state(
             checkpoint.get("medmoe_rng_states"),
             trainer.global_rank if trainer is not None else 0,

@@ -18,7 +18,6 @@ from medmoe.adapters.allocation import (
     RANK_PATTERNS,
     assign_ranks,
     bottom_heavy_counts,
-    check_ranks,
     counts_from_ranges,
     expert_counts,
     uniform_counts,
@@ -118,8 +117,10 @@ class MoELoRAConfig(AdapterConfig):
             raise ValueError(
                 f"unknown rank_pattern {self.rank_pattern!r}; accepted: {', '.join(RANK_PATTERNS)}"
             )
-        if self.expert_rank is not None:
-            check_ranks([self.expert_rank], self.allowed_ranks)
+        if self.expert_rank is not None and self.expert_rank not in self.allowed_ranks:
+            raise ValueError(
+                f"expert_rank {self.expert_rank} is not in allowed_ranks {self.allowed_ranks}"
+            )
         if self.num_base_experts < 0:
             raise ValueError(f"num_base_experts must be >= 0, got {self.num_base_experts}")
         if self.top_k is not None and self.top_k < 1:

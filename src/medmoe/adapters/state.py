@@ -97,12 +97,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRA
     ValueError naming the file and the keys.
     """
     directory = Path(directory)
-    if not any(isinstance(m, MoELoRALinear) for m in model.modules()):
-        apply_moe_lora(model, read_adapter_config(directory))
     weights_path = directory / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"no adapter weights at {weights_path}")
-    copy_matching_tensors(adapter_state_dict(model), load_file(weights_path), weights_path)
+    saved = read_safetensors(weights_path)  # before touching the model: a bad file changes nothing
+    if not any(isinstance(m, MoELoRALinear) for m in model.modules()):
+        apply_moe_lora(model, read_adapter_config(directory))
+    copy_matching_tensors(adapter_state_dict(model), saved, weights_path)
     return [layer for _, layer in moe_lora_layers(model)]
 
 
@@ -121,14 +122,26 @@ def copy_matching_tensors(
             f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
             f"{'...' if len(unexpected) > 5 else ''}"
         )
+    for key, target in current.items():  # every shape first: a mismatch copies nothing
+        if target.shape != saved[key].shape:
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(saved[key].shape)}, the model expects "
+                f"{tuple(target.shape)}"
+            )
     with torch.no_grad():
         for key, target in current.items():
-            if target.shape != saved[key].shape:
-                raise ValueError(
-                    f"{source}: {key} has shape {tuple(saved[key].shape)}, the model expects "
-                    f"{tuple(target.shape)}"
-                )
             target.copy_(saved[key])
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; ValueError naming ``path`` if it is truncated or foreign."""
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises SafetensorError / OSError
+        raise ValueError(
+            f"adapter weights {path} cannot be read: the file is truncated or not safetensors "
+            f"({' '.join(str(err).split())[:120]})"
+        ) from None
 
 
 @contextmanager

@@ -11,12 +11,16 @@ Each is usable alone; presets live in the top-level ``callbacks/`` folder
 - :class:`PaperTables`: the paper's two tables at ``medmoe test``.
 - :class:`ExpertUpdateNorms` (``experts/``): each expert's update norm, per decoder layer.
 - :class:`AdapterExport`: the trained adapter's files beside the logs.
+- :class:`ResumableCheckpoint`: one rolling, atomic ``last.ckpt``, also written on SIGTERM/SIGINT.
+- :class:`LoadAdapterWeights`: a new run starting from a checkpoint's adapter weights only.
 """
 
+from medmoe.callbacks.checkpoint import AtomicCheckpointIO, ResumableCheckpoint
 from medmoe.callbacks.domain import DomainEval
 from medmoe.callbacks.experts import ExpertUpdateNorms, expert_update_norms
 from medmoe.callbacks.export import AdapterExport
 from medmoe.callbacks.forgetting import ForgettingMonitor
+from medmoe.callbacks.init_weights import LoadAdapterWeights
 from medmoe.callbacks.routing import RoutingStats
 from medmoe.callbacks.stats import (
     coefficient_of_variation,
@@ -31,10 +35,13 @@ from medmoe.callbacks.temperature import TemperatureMonitor
 
 __all__ = [
     "AdapterExport",
+    "AtomicCheckpointIO",
     "DomainEval",
     "ExpertUpdateNorms",
     "ForgettingMonitor",
+    "LoadAdapterWeights",
     "PaperTables",
+    "ResumableCheckpoint",
     "RoutingStats",
     "TemperatureMonitor",
     "coefficient_of_variation",

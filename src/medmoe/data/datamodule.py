@@ -10,10 +10,12 @@ subset, so per-task losses can be split by ``task_id``.
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from medmoe.data.collate import Sample, collate, encode_pairs
-from medmoe.data.sources import Record, load_records
+from medmoe.data.sources import Record, carved_sizes, load_records
 from medmoe.data.stream import Mixture, Sampling, StreamLoader, TrainStream, mixture_weights
 from medmoe.data.tasks import GenerationExample, MultipleChoiceExample, Task, get_task
 from medmoe.data.tokenizers import load_tokenizer
@@ -43,7 +45,10 @@ class TaskConfig:
         max_train: keep this many training records (a fixed subset); ``None`` = all.
         max_eval: keep this many validation (and test) records, a fixed subset; ``None`` = all.
         weight: mixture weight multiplier (the weight itself with ``sampling: fixed``); 1.0.
-        field_map: renames upstream fields to the task's schema, e.g. ``{"note": "text"}``.
+        field_map: renames upstream fields to the task's schema, e.g. ``{"note": "text"}``;
+            every key must be a field of the source.
+        allow_overlap: evaluate although some evaluation records are also training records
+            (warned loudly); by default such a task is refused.
     """
 
     name: str
@@ -55,6 +60,7 @@ class TaskConfig:
     max_eval: int | None = None
     weight: float | None = None
     field_map: dict[str, str] | None = None
+    allow_overlap: bool = False
 
     def __post_init__(self) -> None:
         get_task(self.name)  # ValueError listing the known tasks
@@ -76,6 +82,35 @@ def _as_config(entry: TaskConfig | dict[str, Any] | str) -> TaskConfig:
     if isinstance(entry, str):
         return TaskConfig(name=entry)
     return TaskConfig(**entry)
+
+
+UNK_WARN_RATE = 0.01  # warn when more than 1% of a task's tokens are the tokenizer's <unk>
+
+
+def _fingerprint(record: Record) -> str:
+    return json.dumps(record, sort_keys=True, default=str)
+
+
+def _warn_unknown_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_name: str,
+    task: str,
+    encoded: list[tuple[list[int], list[int]]],
+) -> None:
+    unk = tokenizer.unk_token_id
+    if unk is None or unk == tokenizer.pad_token_id or not encoded:
+        return
+    total = sum(len(ids) for ids, _ in encoded)
+    unknown = sum(ids.count(unk) for ids, _ in encoded)
+    rate = unknown / max(total, 1)
+    if rate > UNK_WARN_RATE:
+        warnings.warn(
+            f"tokenizer {tokenizer_name!r} maps {rate:.0%} of task {task!r}'s tokens to "
+            f"{tokenizer.unk_token} (warned above {UNK_WARN_RATE:.0%}): the model cannot read "
+            "that text; use a tokenizer that covers it (the toy tokenizer knows only the toy "
+            "clinic's words)",
+            stacklevel=3,
+        )
 
 
 def _subset(records: list[Record], limit: int | None) -> list[Record]:
@@ -132,13 +167,24 @@ class MultiTaskDataModule(L.LightningDataModule):
         names = [t.name for t in self.tasks + self.replay]
         if not names:
             raise ValueError("no tasks: give at least one domain or replay task")
-        if len(set(names)) != len(names):
-            raise ValueError(f"each task may appear once across tasks and replay, got {names}")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                f"task(s) {duplicates} appear more than once across tasks and replay ({names}); "
+                "each task may appear once"
+            )
         if not 0.0 <= replay_ratio <= 1.0:
             raise ValueError(f"replay_ratio must be in [0, 1], got {replay_ratio}")
         mixture_weights([1], [1.0], sampling, sampling_temperature)  # validates the mode
-        if min(max_length, batch_size, eval_batch_size or 1) < 1 or num_workers < 0:
-            raise ValueError("max_length, batch sizes must be >= 1 and num_workers >= 0")
+        for key, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(
+                f"eval_batch_size must be >= 1 or null (= batch_size), got {eval_batch_size}"
+            )
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.replay_ratio = replay_ratio
         self.sampling: Sampling = sampling
         self.sampling_temperature = sampling_temperature
@@ -200,14 +246,40 @@ class MultiTaskDataModule(L.LightningDataModule):
         split = split or cfg.eval_split or cfg.task.eval_split
         train_split = self.train_split(name)
         source = cfg.source if split == train_split else (cfg.eval_source or cfg.source)
+        # a separate eval_source file: both files are used whole (else one file is carved)
+        whole = cfg.eval_source is not None and cfg.eval_source != cfg.source
         if (name, split) not in self._records:
-            self._records[name, split] = load_records(cfg.task, source, split, cfg.field_map)
+            self._records[name, split] = load_records(
+                cfg.task, source, split, cfg.field_map, whole_file=whole
+            )
         return self._records[name, split]
+
+    def check_disjoint(self, name: str, split: str) -> None:
+        """Refuse (or, with ``allow_overlap``, warn) if ``split`` shares records with training."""
+        cfg = self.configs[self.task_id(name)]
+        train_split = self.train_split(name)
+        if split == train_split:
+            return
+        train = {_fingerprint(r) for r in self.records(name, train_split)}
+        evaluated = self.records(name, split)
+        shared = sum(_fingerprint(r) in train for r in evaluated)
+        if not shared:
+            return
+        message = (
+            f"task {name!r}: {shared} of {len(evaluated)} {split} records are also training "
+            f"({train_split}) records (source {cfg.source}, eval_source {cfg.eval_source}): "
+            "its scores would measure memorisation; give disjoint splits"
+        )
+        if not cfg.allow_overlap:
+            raise ValueError(f"{message}, or set allow_overlap: true on the task to accept it")
+        warnings.warn(f"CONTAMINATED EVALUATION: {message}", stacklevel=2)
 
     def _encode(self, name: str, records: list[Record]) -> list[tuple[list[int], list[int]]]:
         task = get_task(name)
         pairs = [task.format(r) for r in records]
-        return encode_pairs(self.tokenizer, pairs, self.max_length, name)
+        encoded = encode_pairs(self.tokenizer, pairs, self.max_length, name)
+        _warn_unknown_tokens(self.tokenizer, self.tokenizer_name, name, encoded)
+        return encoded
 
     def _eval_samples(self, test: bool = False) -> list[Sample]:
         key = "test" if test else "validation"
@@ -244,10 +316,30 @@ class MultiTaskDataModule(L.LightningDataModule):
                 if cfg.max_train is not None:
                     records = _subset(records, cfg.max_train)
                 if not records:
-                    raise ValueError(f"task {cfg.name!r} has no training records")
+                    raise ValueError(self._no_records_message(cfg))
                 self._train.append(self._encode(cfg.name, records))
         if stage in (None, "fit", "validate"):
+            for cfg in self.configs:
+                self.check_disjoint(cfg.name, cfg.eval_split or cfg.task.eval_split)
             self._eval_samples()
+        if stage == "test":
+            for cfg in self.configs:
+                self.check_disjoint(cfg.name, cfg.task.test_split)
+
+    def _no_records_message(self, cfg: TaskConfig) -> str:
+        split = cfg.split or cfg.task.train_split
+        message = f"task {cfg.name!r} has no training records ({split} of source {cfg.source})"
+        path = Path(str(cfg.source)).expanduser()
+        if path.is_file():
+            total = len(load_records(cfg.task, cfg.source, split, cfg.field_map, whole_file=True))
+            sizes = ", ".join(f"{k} {v}" for k, v in carved_sizes(cfg.task, total).items())
+            message += (
+                f": the file holds {total} record(s), carved into {sizes}. Give more records, "
+                "or give the splits explicitly: a directory with train.jsonl, validation.jsonl "
+                "and test.jsonl as source, or source (training, used whole) plus eval_source "
+                "(evaluation) as two files"
+            )
+        return message
 
     def mixture(self) -> Mixture:
         """The training mixture (needs :meth:`setup` for ``fit``)."""

@@ -7,11 +7,14 @@ Source specs:
   ``train`` (also under the task's train split name), ``validation`` and ``test``.
 - an existing local path, loaded through ``datasets`` (``json`` / ``csv`` / ``parquet``):
 
-  * a file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``) holds one split: the split asked
-    for, except that splits the task carves (:class:`medmoe.data.tasks.Carve`) are carved from
-    it as from the hub's (a single MIMIC-III export or ``pqa_labeled`` copy gives disjoint
-    train / validation / test; a MedQA file asked for ``validation`` gives 5% of it and
-    ``train`` the rest, asked for ``test`` all of it);
+  * a file (``.jsonl``, ``.json``, ``.csv``, ``.parquet``) is one pool of records, carved
+    into *disjoint* ``test``, ``validation`` and training parts by a fixed seeded permutation
+    (:func:`file_carve`: the task's own carve fractions where it has them, e.g. PubMedQA's
+    50% test / 10% validation, otherwise 10% test and 5% validation; the rest is the training
+    split, asked for by its name or ``train``). The same file and task always give the same
+    parts. ``whole_file=True`` returns every record instead (the DataModule asks for that when
+    a task's ``eval_source`` is a file of its own, so train and evaluation files are used
+    whole). Other split names (MMLU's ``dev``) need a directory;
   * a directory holds one file (or ``NAME-*`` shards) per split, named after it
     (``train.jsonl``, ``validation.csv``, ``test-00000.parquet``), or is a ``save_to_disk``
     copy of the hub dataset; splits it lacks are carved as the task says
@@ -29,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from medmoe.data.tasks import RecordError, Task, get_task
+from medmoe.data.tasks import Carve, RecordError, Task, get_task
 
 Record = dict[str, Any]
 BUILDERS: dict[str, str] = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -41,11 +44,14 @@ def load_records(
     source: str | None = None,
     split: str = "train",
     field_map: Mapping[str, str] | None = None,
+    whole_file: bool = False,
 ) -> list[Record]:
     """The validated records of ``task``'s ``split`` from ``source`` (see the module docs).
 
     ``field_map`` renames upstream fields to the task's schema (``{"note": "text"}``); without
-    it, the task's own map for the source applies (e.g. the clinical stand-in's).
+    it, the task's own map for the source applies (e.g. the clinical stand-in's). Each of its
+    keys must be a field of the source. ``whole_file``: a single local file gives all its
+    records, not the ``split`` part carved from it.
     """
     task = get_task(task) if isinstance(task, str) else task
     if source == TOY:
@@ -58,17 +64,20 @@ def load_records(
     fields = dict(field_map if field_map is not None else task.field_maps.get(source, {}))
     path = Path(source).expanduser()
     if path.exists():
-        return _load_local(task, path, split, fields)
+        return _load_local(task, path, split, fields, whole_file)
     if path.suffix in BUILDERS or source.startswith((".", "/", "~")) or source.endswith("/"):
         raise FileNotFoundError(f"dataset file {source} for task {task.name!r} does not exist")
     return _load_hub(task, source, split, fields)
 
 
-def _load_local(task: Task, path: Path, split: str, fields: dict[str, str]) -> list[Record]:
+def _load_local(
+    task: Task, path: Path, split: str, fields: dict[str, str], whole_file: bool = False
+) -> list[Record]:
     if path.is_file():
-        return _one_split(task, _load_file(task, path, fields), split)
+        records = _load_file(task, path, fields)
+        return records if whole_file else _one_split(task, records, split, str(path))
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        return _load_saved(task, path, split, fields)
+        return _load_saved(task, path, split, fields, whole_file)
     by_split = _split_files(path)
     if not by_split:
         raise FileNotFoundError(
@@ -98,29 +107,58 @@ def _load_file(task: Task, path: Path, fields: dict[str, str]) -> list[Record]:
             f"dataset file {path} for task {task.name!r} has an unsupported type; "
             f"supported: {', '.join(BUILDERS)}"
         )
+    if path.stat().st_size == 0:
+        raise ValueError(f"dataset file {path} for task {task.name!r} is empty (0 bytes)")
+    lines = _jsonl_line_numbers(path, task) if path.suffix == ".jsonl" else None
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parser errors in several types
-        raise ValueError(f"could not read {path} for task {task.name!r}: {err}") from err
-    lines = _jsonl_line_numbers(path) if path.suffix == ".jsonl" else None
+        reason = " ".join(str(err).split())[:200]
+        raise ValueError(f"could not read {path} for task {task.name!r}: {reason}") from err
     return _validate(task, ds.to_list(), str(path), fields, lines)
 
 
-def _load_saved(task: Task, path: Path, split: str, fields: dict[str, str]) -> list[Record]:
+def _load_saved(
+    task: Task, path: Path, split: str, fields: dict[str, str], whole_file: bool = False
+) -> list[Record]:
     """A ``save_to_disk`` directory: a DatasetDict (splits carved as usual) or one Dataset."""
     import datasets
 
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.Dataset):
-        return _one_split(task, _validate(task, saved.to_list(), str(path), fields, None), split)
+        records = _validate(task, saved.to_list(), str(path), fields, None)
+        return records if whole_file else _one_split(task, records, split, str(path))
     upstream, part = task.resolve_split(split, list(saved))
     rows = saved[upstream].to_list()
     return _carve(task, _validate(task, rows, f"{path}:{upstream}", fields, None), part)
 
 
-def _jsonl_line_numbers(path: Path) -> list[int]:
+def _jsonl_line_numbers(path: Path, task: Task) -> list[int]:
+    """1-based numbers of the non-blank lines; ValueError naming the first line that is no
+    JSON object, or saying the file has no records."""
+    import json
+
+    numbers = []
     with path.open("rb") as fh:
-        return [i for i, line in enumerate(fh, start=1) if line.strip()]
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as err:
+                raise ValueError(
+                    f"{path}, line {i}: not valid JSON ({err.args[0] if err.args else err}); "
+                    f"each line must be one JSON object (task {task.name!r})"
+                ) from None
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{path}, line {i}: a JSON {type(value).__name__}, expected one JSON object "
+                    f"per line (task {task.name!r})"
+                )
+            numbers.append(i)
+    if not numbers:
+        raise ValueError(f"dataset file {path} for task {task.name!r} is empty (no JSON lines)")
+    return numbers
 
 
 def _load_hub(task: Task, hub_id: str, split: str, fields: dict[str, str]) -> list[Record]:
@@ -144,6 +182,15 @@ def _validate(
     task: Task, rows: list[Record], where: str, fields: dict[str, str], lines: list[int] | None
 ) -> list[Record]:
     """Rename, normalise and check every row; raise naming the field, file and line."""
+    if not rows:
+        raise ValueError(f"{where} holds no records (it is empty) for task {task.name!r}")
+    upstream = set().union(*(row.keys() for row in rows[:100]))
+    unknown = sorted(set(fields) - upstream)
+    if unknown:
+        raise ValueError(
+            f"field_map key(s) {unknown} of task {task.name!r} are not fields of {where}; "
+            f"its fields: {sorted(upstream)}"
+        )
     records = []
     for i, row in enumerate(rows):
         record = dict(task.normalize({fields.get(k, k): v for k, v in row.items()}))
@@ -156,11 +203,40 @@ def _validate(
     return records
 
 
-def _one_split(task: Task, records: list[Record], split: str) -> list[Record]:
-    """Records of a source with a single split: carved if the task carves ``split``."""
-    carve = task.carve
-    carved = carve is not None and (split in carve.parts or split == carve.source)
-    return _carve(task, records, split if carved else None)
+FILE_TEST_FRACTION = 0.1
+FILE_VALIDATION_FRACTION = 0.05
+
+
+def file_carve(task: Task) -> Carve:
+    """How a single file is carved for ``task``: disjoint ``test`` / ``validation`` / training.
+
+    The task's own fractions where its carve names the split (PubMedQA: 50% test, 10%
+    validation), else :data:`FILE_TEST_FRACTION` / :data:`FILE_VALIDATION_FRACTION`; the rest is
+    ``task.train_split``.
+    """
+    fractions = dict(task.carve.fractions) if task.carve is not None else {}
+    fractions.setdefault("test", FILE_TEST_FRACTION)
+    fractions.setdefault("validation", FILE_VALIDATION_FRACTION)
+    seed = task.carve.seed if task.carve is not None else 0
+    return Carve(task.train_split, tuple(fractions.items()), seed)
+
+
+def carved_sizes(task: Task, n: int) -> dict[str, int]:
+    """Records per part when a single file of ``n`` records is carved for ``task``."""
+    carve = file_carve(task)
+    return {part: len(carve.indices(n, part)) for part in (*carve.parts, carve.source)}
+
+
+def _one_split(task: Task, records: list[Record], split: str, where: str) -> list[Record]:
+    """The ``split`` part of a single-file source (:func:`file_carve`; disjoint parts)."""
+    carve = file_carve(task)
+    part = carve.source if split in ("train", task.train_split) else split
+    if part != carve.source and part not in carve.parts:
+        raise ValueError(
+            f"{where} is a single file, carved into {', '.join([*carve.parts, carve.source])} "
+            f"for task {task.name!r}; split {split!r} needs a directory holding {split}.jsonl"
+        )
+    return [records[i] for i in carve.indices(len(records), part)]
 
 
 def _carve(task: Task, records: list[Record], part: str | None) -> list[Record]:

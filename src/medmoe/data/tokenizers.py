@@ -94,7 +94,16 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         return toy_tokenizer()
     if name_or_path == "byte":
         return byte_level_tokenizer()
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    from medmoe.errors import local_or_hub, short_reason
+
+    source = local_or_hub(name_or_path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"tokenizer {name_or_path!r} could not be loaded ({short_reason(err)}); accepted: "
+            "'toy', 'byte', a local tokenizer directory or a hub id"
+        ) from err
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an eos token")
