@@ -1,4 +1,4 @@
-"""TaskScorer's few-shot demonstrations come from the split each task trains on."""
+"""TaskScorer's few-shot demonstrations: the task's split and sampler, or the scorer's override."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from medmoe.callbacks.scoring import TaskScorer
 from medmoe.data import MultiTaskDataModule, TaskConfig
+from medmoe.data.toy_clinic import toy_records
 
 
 def test_shots_default_to_the_task_training_split():
@@ -15,7 +16,30 @@ def test_shots_default_to_the_task_training_split():
         batch_size=4,
     )
     trainer = SimpleNamespace(datamodule=data)
-    scorer = TaskScorer(shots=2)
-    assert scorer._shot_split(trainer, "mmlu") == "validation"
-    assert scorer._shot_split(trainer, "medqa") == "train"
-    assert TaskScorer(shots=2, shot_split="test")._shot_split(trainer, "mmlu") == "test"
+    [mmlu] = TaskScorer(split="test", limit=1, shots=2)._fetch(trainer, "mmlu")
+    shots = toy_records("mmlu", "validation")[:2]  # toy style: first n of the training split
+    for shot in shots:
+        assert f"{shot['question']}\n" in mmlu.prompt
+    [medqa] = TaskScorer(split="test", limit=1, shots=1)._fetch(trainer, "medqa")
+    assert toy_records("medqa", "train")[0]["question"] in medqa.prompt
+    [override] = TaskScorer(split="test", limit=1, shots=1, shot_split="validation")._fetch(
+        trainer, "medqa"
+    )
+    assert toy_records("medqa", "validation")[0]["question"] in override.prompt
+
+
+def test_generation_settings_come_from_the_task_unless_overridden():
+    data = MultiTaskDataModule(
+        tasks=[TaskConfig("clinical_sum", source="toy")],
+        replay=[TaskConfig("gsm8k", source="tests/fixtures/gsm8k.jsonl")],
+        batch_size=4,
+        tokenizer="byte",
+    )
+    trainer = SimpleNamespace(datamodule=data)
+    harness = {"stop": ("Question:", "</s>", "<|im_end|>"), "max_new_tokens": 256}
+    assert TaskScorer()._generation(trainer, "gsm8k") == harness
+    assert TaskScorer()._generation(trainer, "clinical_sum") == {
+        "stop": ("\n\n",),
+        "max_new_tokens": 64,
+    }
+    assert TaskScorer(max_new_tokens=8)._generation(trainer, "gsm8k")["max_new_tokens"] == 8
