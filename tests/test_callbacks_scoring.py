@@ -17,9 +17,10 @@ def test_shots_default_to_the_task_training_split():
     )
     trainer = SimpleNamespace(datamodule=data)
     [mmlu] = TaskScorer(split="test", limit=1, shots=2)._fetch(trainer, "mmlu")
-    shots = toy_records("mmlu", "validation")[:2]  # toy style: first n of the training split
-    for shot in shots:
-        assert f"{shot['question']}\n" in mmlu.prompt
+    # first n of the training split's records of the same subject (MMLU's pools are per subject)
+    shots = [r for r in toy_records("mmlu", "validation") if r["subject"] == mmlu.subject][:2]
+    assert mmlu.prompt.startswith(f"Question: {shots[0]['question']}\n")
+    assert f"\n\nQuestion: {shots[1]['question']}\n" in mmlu.prompt
     [medqa] = TaskScorer(split="test", limit=1, shots=1)._fetch(trainer, "medqa")
     assert toy_records("medqa", "train")[0]["question"] in medqa.prompt
     [override] = TaskScorer(split="test", limit=1, shots=1, shot_split="validation")._fetch(
