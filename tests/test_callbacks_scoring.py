@@ -44,3 +44,33 @@ def test_generation_settings_come_from_the_task_unless_overridden():
         "max_new_tokens": 64,
     }
     assert TaskScorer(max_new_tokens=8)._generation(trainer, "gsm8k")["max_new_tokens"] == 8
+
+
+def test_callbacks_score_real_data_with_the_harness_rendering_on_a_fixed_subset(tmp_path):
+    import shutil
+
+    from medmoe.data.datamodule import _subset
+    from medmoe.data.eval_protocol import build_eval_examples
+    from medmoe.data.sources import load_records
+    from medmoe.data.tasks import get_task
+
+    for split in ("dev", "test"):  # a local copy of cais/mmlu with its dev split
+        shutil.copy("tests/fixtures/mmlu.jsonl", tmp_path / f"{split}.jsonl")
+    data = MultiTaskDataModule(
+        tasks=[TaskConfig("medqa", source="tests/fixtures/medqa.jsonl")],
+        replay=[TaskConfig("mmlu", source=str(tmp_path))],
+        batch_size=4,
+        tokenizer="byte",
+    )
+    trainer = SimpleNamespace(datamodule=data)
+    scorer = TaskScorer(split="test", limit=3, shots=1)  # each subject has one dev record
+    examples = scorer._fetch(trainer, "mmlu")
+    records = load_records("mmlu", str(tmp_path), "test")
+    positions = _subset(list(range(len(records))), 3)
+    dev = load_records("mmlu", str(tmp_path), "dev")
+    expected = build_eval_examples(get_task("mmlu"), records, positions, dev, 1)
+    assert examples == expected and len(examples) == 3
+    assert examples[0].prompt.startswith("The following are multiple choice questions")
+    assert TaskScorer(split="test", limit=3, shots=1)._fetch(trainer, "mmlu") == examples
+    medqa = TaskScorer(split="test", limit=2)._fetch(trainer, "medqa")  # 0-shot by default
+    assert all(ex.prompt.startswith("Question: ") for ex in medqa)
