@@ -74,3 +74,20 @@ def test_callbacks_score_real_data_with_the_harness_rendering_on_a_fixed_subset(
     assert TaskScorer(split="test", limit=3, shots=1)._fetch(trainer, "mmlu") == examples
     medqa = TaskScorer(split="test", limit=2)._fetch(trainer, "medqa")  # 0-shot by default
     assert all(ex.prompt.startswith("Question: ") for ex in medqa)
+
+
+def test_chat_template_switch_needs_a_template():
+    import pytest
+
+    data = MultiTaskDataModule(
+        tasks=[TaskConfig("medqa", source="tests/fixtures/medqa.jsonl")],
+        replay=[],
+        tokenizer="byte",
+        apply_chat_template=True,
+    )
+    with pytest.raises(ValueError, match="has no chat template"):
+        data.eval_examples("medqa", split="test", limit=1)
+    data.tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}>"
+    [example] = data.eval_examples("medqa", split="test", limit=1)
+    assert example.prompt.startswith("[Question: ") and example.prompt.endswith("Answer:]>")
+    assert example.choices == ("A", "B", "C", "D")

@@ -346,3 +346,38 @@ def test_rouge_l_equals_rouge_score(key, use_stemmer):
         assert rouge_l([p], [r], use_stemmer=use_stemmer, key=key) == pytest.approx(value)
     mean = rouge_l(list(predictions), list(references), use_stemmer=use_stemmer, key=key)
     assert mean == pytest.approx(sum(expected) / len(expected))
+
+
+# --- chat template ----------------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_chat_template_rendering_equals_the_harness(byte_llama, tmp_path, shots):
+    from medmoe.data.eval_protocol import chat_example
+
+    model, _ = byte_llama
+    tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    dev, test = mmlu_records()
+    theirs = harness_task(
+        "mmlu/default/mmlu_anatomy.yaml",
+        tmp_path,
+        {"dev": [d for d in dev if d["subject"] == "anatomy"], "test": [test[0]]},
+    )
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    doc = theirs.test_docs()[0]
+    context = theirs.fewshot_context(
+        doc, shots, apply_chat_template=True, chat_template=lm.apply_chat_template
+    )
+    requests = theirs.construct_requests(doc, context, apply_chat_template=True)
+    task = get_task("mmlu")
+    pool = task.fewshot_pool(dev, test[0])[:shots]
+    ours = chat_example(task, test[0], pool, tokenizer)
+    assert ours.prompt == context and ours.prompt.startswith("<|system|>The following are")
+    assert [tuple(r.arguments) for r in requests] == [(ours.prompt, c) for c in ours.choices]
+    assert ours.choices == ("A", "B", "C", "D")  # no target delimiter under a chat template
