@@ -82,7 +82,7 @@ def test_batch_contract():
         assert batch["task_id"][row] == task_id and bool(batch["is_general"][row]) == general
         assert general == (dm.task_groups[task_id] == "general")
         record = dm.records(name, get_task(name).train_split)[index]
-        prompt, target = get_task(name).format(record)
+        prompt, target = get_task(name).styled("toy").format(record)  # toy source: toy style
         p_ids = tok(prompt)["input_ids"]
         t_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         n = len(p_ids) + len(t_ids)
@@ -225,7 +225,8 @@ def test_eval_examples_are_fixed_and_correct():
 def test_fixture_sources_in_the_datamodule():
     fixtures = "tests/fixtures"
     tasks = [TaskConfig("pubmedqa", source=f"{fixtures}/pubmedqa.jsonl")]
-    replay = [TaskConfig("gsm8k", source=f"{fixtures}/gsm8k.jsonl")]
+    # 4 GSM8K records: too few for the harness's 5 demonstrations, so zero-shot here
+    replay = [TaskConfig("gsm8k", source=f"{fixtures}/gsm8k.jsonl", num_fewshot=0)]
     dm = toy_dm(tasks=tasks, replay=replay, tokenizer="byte", max_length=512, batch_size=4)
     assert dm.vocab_size == 260
     batch = next(iter(dm.train_dataloader()))

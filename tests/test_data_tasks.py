@@ -42,13 +42,18 @@ def test_pubmedqa_fixture():
     records = sorted(every_split("pubmedqa", fixture("pubmedqa.jsonl")), key=lambda r: r["pubid"])
     assert len(records) == 6 and isinstance(records[0]["pubid"], int)
     prompt, target = task.format(records[1])
-    assert prompt.startswith("Context: Low vitamin D levels")
-    assert prompt.endswith("\nQuestion: " + records[1]["question"] + "\nAnswer:")
+    contexts = records[1]["context"]["contexts"]
+    assert prompt.startswith("Abstract: Low vitamin D levels")  # harness: one context a line
+    assert prompt == (
+        "Abstract: " + "\n".join(contexts) + "\nQuestion: " + records[1]["question"] + "\nAnswer:"
+    )
     assert target == " no"
     ex = task.eval_example(records[2])
     assert isinstance(ex, MultipleChoiceExample)
     assert ex.choices == (" yes", " no", " maybe") and ex.answer == 2
     assert ex.prompt == task.format(records[2])[0]
+    toy = task.styled("toy").format(records[1])[0]  # the toy clinic's own short format
+    assert toy.startswith("Context: " + " ".join(contexts) + "\nQuestion: ")
 
 
 def test_medqa_fixture():
@@ -68,12 +73,17 @@ def test_mmlu_fixture():
     task = get_task("mmlu")
     records = load_records(task, fixture("mmlu.jsonl"), "test", whole_file=True)
     prompt, target = task.format(records[0])
-    assert prompt == (
-        "Question: Which cranial nerve innervates the lateral rectus muscle?\n"
+    body = (
+        "Which cranial nerve innervates the lateral rectus muscle?\n"
         "A. Oculomotor nerve\nB. Trochlear nerve\nC. Abducens nerve\nD. Facial nerve\nAnswer:"
     )
+    assert prompt == (
+        "The following are multiple choice questions (with answers) about anatomy.\n\n" + body
+    )
     assert target == " C"
+    assert task.styled("toy").format(records[0])[0] == "Question: " + body
     assert [task.eval_example(r).answer for r in records] == [2, 1, 0, 3, 1]
+    assert task.eval_example(records[1]).subject == "high_school_mathematics"
 
 
 def test_mmlu_unwraps_the_auxiliary_train_nesting():
@@ -82,7 +92,7 @@ def test_mmlu_unwraps_the_auxiliary_train_nesting():
     }
     task = get_task("mmlu")
     assert task.format(task.normalize(nested)) == (
-        "Question: Q?\nA. a\nB. b\nC. c\nD. d\nAnswer:",
+        "Q?\nA. a\nB. b\nC. c\nD. d\nAnswer:",  # no subject, so no subject line
         " B",
     )
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -32,6 +32,10 @@ def tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("contiguous")]
+    )
+    # BOS as a special token, as Llama tokenizers add it
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -129,7 +133,7 @@ def test_bos_only_at_the_start_and_optional(tokenizer):
         assert call[:, 0].eq(tokenizer.bos_token_id).all()
         assert not call[:, 1:].eq(tokenizer.bos_token_id).any()
     model.calls.clear()
-    score_multiple_choice(model, tokenizer, [example], add_bos=False)
+    score_multiple_choice(model, tokenizer, [example], add_bos_token=False)
     assert not any(call.eq(tokenizer.bos_token_id).any() for call in model.calls)
 
 
@@ -300,7 +304,28 @@ def test_generation_cuts_at_the_first_stop_string(tokenizer):
 def test_evaluate_accuracy(tokenizer):
     model = LetterLover(favourite=WORDS.index("C"))
     examples = [MultipleChoiceExample("fever ?", LETTERS, a) for a in (2, 2, 0, 1)]
-    assert evaluate_examples(model, tokenizer, examples, "accuracy") == {"accuracy": 0.5}
+    assert evaluate_examples(model, tokenizer, examples, "accuracy") == {
+        "accuracy": 0.5,
+        "acc_norm": 0.5,  # one-letter choices: normalising changes nothing
+    }
+
+
+def test_evaluate_accuracy_per_subject_and_acc_norm(tokenizer):
+    model = LetterLover(favourite=WORDS.index("yes"))
+    choices = (" yes", " not sure")  # 3 vs 8 characters without the delimiter
+    examples = [
+        MultipleChoiceExample("fever ?", choices, 0, subject="anatomy"),
+        MultipleChoiceExample("rash ?", choices, 1, subject="anatomy"),
+        MultipleChoiceExample("cough ?", choices, 0, subject="virology"),
+    ]
+    scores = evaluate_examples(model, tokenizer, examples, "accuracy")
+    result = score_multiple_choice(model, tokenizer, examples)
+    lls = result.loglikelihoods
+    lengths = torch.tensor([3.0, 8.0], dtype=torch.float64)
+    expected_norm = ((lls / lengths).argmax(dim=1) == torch.tensor([0, 1, 0])).double().mean()
+    assert scores["acc_norm"] == pytest.approx(expected_norm.item())
+    assert scores["accuracy/anatomy"] == 0.5 and scores["accuracy/virology"] == 1.0
+    assert scores["accuracy"] == pytest.approx(2 / 3)  # the size-weighted average of subjects
 
 
 def test_evaluate_gsm8k_strict_and_flexible(tokenizer):
@@ -358,5 +383,5 @@ def test_bad_multiple_choice_inputs(tokenizer):
         score_multiple_choice(model, tokenizer, [MultipleChoiceExample("fever", (" A", ""), 0)])
     with pytest.raises(ValueError, match="no context"):
         score_multiple_choice(
-            model, tokenizer, [MultipleChoiceExample("", LETTERS, 0)], add_bos=False
+            model, tokenizer, [MultipleChoiceExample("", LETTERS, 0)], add_bos_token=False
         )

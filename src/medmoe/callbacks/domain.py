@@ -33,8 +33,11 @@ class DomainEval(Callback):
         limit: size of each task's fixed evaluation subset (``None``: all).
         split: the split the subset is drawn from.
         batch_size: evaluation batch size.
-        max_new_tokens: generation budget for generative tasks (Clinical-Sum).
-        shots: few-shot demonstrations, taken from the training split's fixed subset.
+        max_new_tokens: generation budget (Clinical-Sum); ``None`` = the task's (GSM8K 256, as the
+            harness; Clinical-Sum 128; toy style 64).
+        shots: few-shot demonstrations per example; ``None`` = the task's ``num_fewshot``
+            (harness style: MMLU 5 from ``dev``, GSM8K 5 from ``train``; toy style 0), chosen by
+            the task's sampler as the harness does.
         every_n_steps: ``None`` to score at each validation end, else a step interval.
     """
 
@@ -44,8 +47,8 @@ class DomainEval(Callback):
         limit: int | None = 64,
         split: str = "validation",
         batch_size: int = 16,
-        max_new_tokens: int = 128,
-        shots: int = 0,
+        max_new_tokens: int | None = None,
+        shots: int | None = None,
         every_n_steps: int | None = None,
     ) -> None:
         self.tasks = list(tasks)

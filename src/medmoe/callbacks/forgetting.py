@@ -44,8 +44,11 @@ class ForgettingMonitor(Callback):
         limit: size of each task's fixed evaluation subset (``None``: all).
         split: the split the subset is drawn from.
         batch_size: evaluation batch size.
-        max_new_tokens: generation budget for generative tasks (GSM8K).
-        shots: few-shot demonstrations, taken from the training split's fixed subset.
+        max_new_tokens: generation budget (GSM8K); ``None`` = the task's (GSM8K 256, as the
+            harness; Clinical-Sum 128; toy style 64).
+        shots: few-shot demonstrations per example; ``None`` = the task's ``num_fewshot``
+            (harness style: MMLU 5 from ``dev``, GSM8K 5 from ``train``; toy style 0), chosen by
+            the task's sampler as the harness does.
     """
 
     def __init__(
@@ -55,8 +58,8 @@ class ForgettingMonitor(Callback):
         limit: int | None = 64,
         split: str = "validation",
         batch_size: int = 16,
-        max_new_tokens: int = 128,
-        shots: int = 0,
+        max_new_tokens: int | None = None,
+        shots: int | None = None,
     ) -> None:
         self.tasks = list(tasks)
         self.scorer = TaskScorer(split, limit, batch_size, max_new_tokens, shots)

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from medmoe.adapters import moe_lora_layers
-from medmoe.eval import GenerationExample, MultipleChoiceExample, evaluate_examples
+from medmoe.eval import evaluate_examples
 
 __all__ = ["PRIMARY_METRIC", "EvalClock", "TaskScorer", "task_metric"]
 
@@ -30,12 +30,6 @@ def task_metric(task: str) -> str:
     from medmoe.data import get_task
 
     return get_task(task).metric
-
-
-def _shot_pair(example: MultipleChoiceExample | GenerationExample) -> tuple[str, str]:
-    if isinstance(example, MultipleChoiceExample):
-        return example.prompt, example.choices[example.answer]
-    return example.prompt, example.reference
 
 
 @contextmanager
@@ -74,9 +68,12 @@ class TaskScorer:
     ``eval_examples(task, split, limit)``; the task's metric comes from the task registry.
     Methods with one adapter per task (an adapter with ``task_context``) score each task with
     its own adapter.
-    Few-shot demonstrations are the first ``shots`` examples of ``shot_split``'s fixed subset
-    (default: the split the task trains on, e.g. MMLU's ``auxiliary_train``, which real MMLU
-    has where it has no ``train``).
+    The evaluation protocol is the task's (:class:`medmoe.data.tasks.Task`, harness-identical
+    for real data): its prompt, ``shots`` demonstrations (``None``: the task's ``num_fewshot``)
+    chosen by its sampler from ``shot_split`` (``None``: the task's few-shot split, e.g. MMLU
+    ``dev``, else its training split), its stop strings and ``max_new_tokens`` (``None``: the
+    task's, 256 for GSM8K). The BOS switch and the chat template are the datamodule's
+    (``add_bos_token``, ``apply_chat_template``), so every scorer uses the same.
     Examples are fetched once per (datamodule, task, split). Every rank scores the same examples (safe
     under any strategy); loggers write on rank zero.
     """
@@ -84,10 +81,10 @@ class TaskScorer:
     split: str = "validation"
     limit: int | None = 64
     batch_size: int = 16
-    max_new_tokens: int = 128
-    shots: int = 0
+    max_new_tokens: int | None = None
+    shots: int | None = None
     shot_split: str | None = None
-    _examples: dict[tuple[int, str, str, int | None], list[Any]] = field(
+    _examples: dict[tuple[Any, ...], list[Any]] = field(
         default_factory=dict, init=False, repr=False
     )
 
@@ -110,18 +107,31 @@ class TaskScorer:
             )
         return [t for t in tasks if t in known]
 
-    def _shot_split(self, trainer: Trainer, task: str) -> str:
-        if self.shot_split is not None:
-            return self.shot_split
-        train_split = getattr(trainer.datamodule, "train_split", None)
-        return train_split(task) if train_split is not None else "train"
-
-    def _fetch(self, trainer: Trainer, task: str, split: str, limit: int | None) -> list[Any]:
-        key = (id(trainer.datamodule), task, split, limit)
+    def _fetch(self, trainer: Trainer, task: str) -> list[Any]:
+        key = (id(trainer.datamodule), task, self.split, self.limit, self.shots, self.shot_split)
         if key not in self._examples:
-            examples = trainer.datamodule.eval_examples(task, split=split, limit=limit)
+            examples = trainer.datamodule.eval_examples(
+                task,
+                split=self.split,
+                limit=self.limit,
+                num_fewshot=self.shots,
+                fewshot_split=self.shot_split,
+            )
             self._examples[key] = list(examples)
         return self._examples[key]
+
+    def _generation(self, trainer: Trainer, task: str) -> dict[str, Any]:
+        """Stop strings and budget of ``task`` (the datamodule's styled task, when it has one)."""
+        configs = getattr(trainer.datamodule, "configs", None)
+        names = [c.name for c in configs] if configs is not None else []
+        if task in names:
+            spec = configs[names.index(task)].task
+        else:
+            from medmoe.data import get_task
+
+            spec = get_task(task)
+        budget = spec.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens
+        return {"stop": spec.stop, "max_new_tokens": budget}
 
     def score(
         self, trainer: Trainer, pl_module: LightningModule, task: str, *, base: bool = False
@@ -132,20 +142,12 @@ class TaskScorer:
         adapter off (full fine-tuning).
         """
         metric = task_metric(task)
-        examples = self._fetch(trainer, task, self.split, self.limit)
-        shots = (
-            [
-                _shot_pair(ex)
-                for ex in self._fetch(trainer, task, self._shot_split(trainer, task), self.shots)
-            ]
-            if self.shots > 0
-            else []
-        )
+        examples = self._fetch(trainer, task)
         model = pl_module.model
         kwargs = {
             "batch_size": self.batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "shots": shots,
+            "add_bos_token": getattr(trainer.datamodule, "add_bos_token", None),
+            **self._generation(trainer, task),
         }
         tokenizer = trainer.datamodule.tokenizer
         # The training numerics (autocast under mixed precision), the task's adapter where the

@@ -50,8 +50,11 @@ class PaperTables(Callback):
         limit: size of each task's fixed subset (``None``: the whole split).
         split: the split scored.
         batch_size: evaluation batch size.
-        max_new_tokens: generation budget (GSM8K, Clinical-Sum).
-        shots: few-shot demonstrations from the training split's fixed subset.
+        max_new_tokens: generation budget (GSM8K, Clinical-Sum); ``None`` = the task's (GSM8K 256, as the
+            harness; Clinical-Sum 128; toy style 64).
+        shots: few-shot demonstrations per example; ``None`` = the task's ``num_fewshot``
+            (harness style: MMLU 5 from ``dev``, GSM8K 5 from ``train``; toy style 0), chosen by
+            the task's sampler as the harness does.
     """
 
     def __init__(
@@ -61,8 +64,8 @@ class PaperTables(Callback):
         limit: int | None = None,
         split: str = "test",
         batch_size: int = 16,
-        max_new_tokens: int = 256,
-        shots: int = 0,
+        max_new_tokens: int | None = None,
+        shots: int | None = None,
     ) -> None:
         self.output_dir = output_dir
         self.method = method
@@ -104,13 +107,17 @@ class PaperTables(Callback):
         subset = "all" if self.scorer.limit is None else f"a fixed subset of {self.scorer.limit}"
         note = (
             f"Split {self.scorer.split!r}, {subset} examples per task, "
-            f"{self.scorer.shots}-shot. GSM8K: strict exact match. n/a: not scored.\n"
+            f"{_shots(self.scorer.shots)}. GSM8K: strict exact match. n/a: not scored.\n"
         )
         markdown = "\n".join([to_markdown(medical), to_markdown(general), note])
         (directory / MARKDOWN_FILE).write_text(markdown)
         (directory / MEDICAL_CSV).write_text(to_csv(medical))
         (directory / GENERAL_CSV).write_text(to_csv(general))
         print(f"\n{markdown}\nSaved to {directory}", flush=True)
+
+
+def _shots(shots: int | None) -> str:
+    return "each task's default few-shot" if shots is None else f"{shots}-shot"
 
 
 def _method_label(pl_module: LightningModule) -> str:

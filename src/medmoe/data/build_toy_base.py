@@ -50,7 +50,7 @@ def toy_llama_config(vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> Lla
 def _samples(
     task: str, split: str, n: int | None, tokenizer: PreTrainedTokenizerBase
 ) -> list[Sample]:
-    pairs = [get_task(task).format(r) for r in toy_records(task, split, n)]
+    pairs = [get_task(task).styled("toy").format(r) for r in toy_records(task, split, n)]
     return [Sample(ids, labels) for ids, labels in encode_pairs(tokenizer, pairs, 64, task)]
 
 

@@ -23,9 +23,17 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from medmoe.data.collate import Sample, collate, encode_pairs
+from medmoe.data.eval_protocol import build_eval_examples
 from medmoe.data.sources import Record, carved_sizes, load_records
 from medmoe.data.stream import Mixture, Sampling, StreamLoader, TrainStream, mixture_weights
-from medmoe.data.tasks import GenerationExample, MultipleChoiceExample, Task, get_task
+from medmoe.data.tasks import (
+    PROMPT_STYLES,
+    GenerationExample,
+    MultipleChoiceExample,
+    PromptStyle,
+    Task,
+    get_task,
+)
 from medmoe.data.tokenizers import load_tokenizer
 from medmoe.data.toy_clinic import TOY_TASKS
 
@@ -49,6 +57,11 @@ class TaskConfig:
             every key must be a field of the source.
         allow_overlap: evaluate although some evaluation records are also training records
             (warned loudly); by default such a task is refused.
+        prompt_style: ``harness`` (lm-evaluation-harness's prompts, few-shot selection,
+            generation settings) or ``toy`` (the toy clinic's short format, which the shipped
+            toy base was trained on); ``None`` = ``toy`` for ``source: toy``, else ``harness``.
+        num_fewshot: demonstrations per evaluated example; ``None`` = the task's default
+            (harness style: MMLU 5 from ``dev``, GSM8K 5 from ``train``, others 0; toy: 0).
     """
 
     name: str
@@ -61,9 +74,20 @@ class TaskConfig:
     weight: float | None = None
     field_map: dict[str, str] | None = None
     allow_overlap: bool = False
+    prompt_style: PromptStyle | None = None
+    num_fewshot: int | None = None
 
     def __post_init__(self) -> None:
         get_task(self.name)  # ValueError listing the known tasks
+        if self.prompt_style is not None and self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(
+                f"{self.name}: prompt_style {self.prompt_style!r} is not one of "
+                f"{', '.join(map(repr, PROMPT_STYLES))}"
+            )
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(
+                f"{self.name}: num_fewshot must be >= 0 or None, got {self.num_fewshot}"
+            )
         for name in ("max_train", "max_eval"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -72,8 +96,15 @@ class TaskConfig:
             raise ValueError(f"{self.name}: weight must be >= 0, got {self.weight}")
 
     @property
+    def style(self) -> PromptStyle:
+        """The prompt style in force (``prompt_style``, or the source's when unset)."""
+        if self.prompt_style is not None:
+            return self.prompt_style
+        return "toy" if self.source == "toy" else "harness"
+
+    @property
     def task(self) -> Task:
-        return get_task(self.name)
+        return get_task(self.name).styled(self.style)
 
 
 def _as_config(entry: TaskConfig | dict[str, Any] | str) -> TaskConfig:
@@ -120,8 +151,12 @@ def _subset(records: list[Record], limit: int | None) -> list[Record]:
     return [records[i] for i in order[:limit]]
 
 
-TOY_DOMAIN = [TaskConfig(n, source="toy") for n in TOY_TASKS if get_task(n).group == "domain"]
-TOY_REPLAY = [TaskConfig(n, source="toy") for n in ("mmlu", "gsm8k")]
+TOY_DOMAIN = [
+    TaskConfig(n, source="toy", prompt_style="toy")
+    for n in TOY_TASKS
+    if get_task(n).group == "domain"
+]
+TOY_REPLAY = [TaskConfig(n, source="toy", prompt_style="toy") for n in ("mmlu", "gsm8k")]
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -144,6 +179,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         epoch_samples: training samples per epoch per device; ``None`` = all of
             ``trainer.max_steps`` in one epoch, or one pass over the domain records
             (scaled up by the replay share) when ``max_steps`` is unset.
+        add_bos_token: the BOS switch of every scorer (evaluation prompts only), with lm-eval
+            ``HFLM``'s meaning: ``None`` = the tokenizer's default special tokens (its BOS for
+            Llama tokenizers; ``HFLM``'s default in lm-eval 0.4.13), ``true`` = ask for them,
+            ``false`` = none (older harness versions' default).
+        apply_chat_template: render evaluation prompts with the tokenizer's chat template (the
+            harness's ``--apply_chat_template``, for instruction-tuned bases); off by default.
     """
 
     def __init__(
@@ -160,6 +201,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         epoch_samples: int | None = None,
+        add_bos_token: bool | None = None,
+        apply_chat_template: bool = False,
     ) -> None:
         super().__init__()
         self.tasks = [_as_config(t) for t in (TOY_DOMAIN if tasks is None else tasks)]
@@ -195,6 +238,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.epoch_samples = epoch_samples
+        self.add_bos_token = add_bos_token
+        self.apply_chat_template = apply_chat_template
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._records: dict[tuple[str, str], list[Record]] = {}
         self._train: list[list[tuple[list[int], list[int]]]] | None = None
@@ -275,7 +320,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         warnings.warn(f"CONTAMINATED EVALUATION: {message}", stacklevel=2)
 
     def _encode(self, name: str, records: list[Record]) -> list[tuple[list[int], list[int]]]:
-        task = get_task(name)
+        task = self.configs[self.task_id(name)].task
         pairs = [task.format(r) for r in records]
         encoded = encode_pairs(self.tokenizer, pairs, self.max_length, name)
         _warn_unknown_tokens(self.tokenizer, self.tokenizer_name, name, encoded)
@@ -295,16 +340,40 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._eval[key]
 
     def eval_examples(
-        self, task_name: str, split: str | None = None, limit: int | None = None
+        self,
+        task_name: str,
+        split: str | None = None,
+        limit: int | None = None,
+        num_fewshot: int | None = None,
+        fewshot_split: str | None = None,
     ) -> list[MultipleChoiceExample | GenerationExample]:
         """Scorer examples over a fixed subset of ``split`` (default: the task's eval split).
 
         The subset is the same on every call: the first ``limit`` (default: ``max_eval``) of a
-        fixed shuffle, so a larger limit extends a smaller one.
+        fixed shuffle, so a larger limit extends a smaller one. Each example's context holds
+        ``num_fewshot`` demonstrations (default: the task config's, else the task's) from
+        ``fewshot_split`` (default: the task's, e.g. MMLU ``dev``, else its training split),
+        selected as the harness does (:mod:`medmoe.data.eval_protocol`).
         """
         cfg = self.configs[self.task_id(task_name)]
-        records = _subset(self.records(task_name, split), limit or cfg.max_eval)
-        return [cfg.task.eval_example(r) for r in records]
+        task = cfg.task
+        split = split or cfg.eval_split or task.eval_split
+        records = self.records(task_name, split)
+        positions = _subset(list(range(len(records))), limit or cfg.max_eval)
+        n = next(v for v in (num_fewshot, cfg.num_fewshot, task.num_fewshot) if v is not None)
+        if fewshot_split is None:
+            harness = task.prompt_style == "harness" and task.harness_fewshot_split is not None
+            fewshot_split = task.fewshot_split if harness else self.train_split(task_name)
+        pool = self.records(task_name, fewshot_split) if n > 0 else []
+        return build_eval_examples(
+            task,
+            records,
+            positions,
+            pool,
+            n,
+            same_split=fewshot_split == split,
+            tokenizer=self.tokenizer if self.apply_chat_template else None,
+        )
 
     # --- Lightning hooks ----------------------------------------------------------------------
 

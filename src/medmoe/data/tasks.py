@@ -16,6 +16,17 @@ mmlu            cais/mmlu (all)                      accuracy  choices " A" .. "
 gsm8k           openai/gsm8k (main)                  gsm8k     generation, reference solution
 ==============  ===================================  ========  ===============================
 
+Prompt styles (:attr:`Task.prompt_style`, set per task config, see
+:class:`~medmoe.data.datamodule.TaskConfig`):
+
+- ``"harness"`` (default for real data): the prompts, few-shot selection, generation settings
+  and metrics of EleutherAI's lm-evaluation-harness 0.4.x tasks ``mmlu_<subject>``,
+  ``medqa_4options``, ``pubmedqa`` and ``gsm8k`` (see docs/evaluation.md for the table);
+- ``"toy"`` (the toy clinic's): the short format the shipped toy base was trained on, words its
+  264-word vocabulary has (MMLU ``"Question: "`` without a subject line, PubMedQA
+  ``"Context: "`` with contexts joined by spaces, zero-shot by default, generation cut at a
+  blank line).
+
 Splits an upstream lacks are carved from another split by a fixed seeded permutation
 (:class:`Carve`): PubMedQA's ``pqa_labeled`` ships 1000 records as ``train`` only, so
 ``test`` (50%) and ``validation`` (10%) come from it and ``train`` keeps the rest.
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from medmoe.eval.examples import GenerationExample, MultipleChoiceExample
@@ -33,6 +44,14 @@ from medmoe.eval.examples import GenerationExample, MultipleChoiceExample
 Record = Mapping[str, Any]
 Group = Literal["domain", "general"]
 Metric = Literal["accuracy", "gsm8k", "rouge_l"]
+PromptStyle = Literal["harness", "toy"]
+PROMPT_STYLES: tuple[str, ...] = ("harness", "toy")
+FewshotSampler = Literal["first_n", "random"]
+# lm-evaluation-harness: target_delimiter " " between a question and its answer, and
+# fewshot_delimiter "\n\n" after each demonstration; the default sampler's seed.
+TARGET_DELIMITER = " "
+FEWSHOT_DELIMITER = "\n\n"
+HARNESS_FEWSHOT_SEED = 1234
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F", "G", "H")
 
 
@@ -76,11 +95,25 @@ class Carve:
         return sorted(order[start:])
 
 
-def prompt_mc(question: str, options: Sequence[str]) -> str:
-    """The multiple-choice template: question, lettered options, ``Answer:``."""
-    lines = [f"Question: {question}"]
+def prompt_mc(question: str, options: Sequence[str], label: str = "Question: ") -> str:
+    """The multiple-choice template: ``label`` + question, lettered options, ``Answer:``.
+
+    ``label=""`` with a stripped question is the harness's MMLU ``doc_to_text``; the default is
+    its MedQA one (``preprocess_medqa.doc_to_text``).
+    """
+    lines = [f"{label}{question}"]
     lines += [f"{letter}. {option}" for letter, option in zip(LETTERS, options, strict=False)]
     return "\n".join([*lines, "Answer:"])
+
+
+def _choice_example(
+    task: Task, record: Record, shots: Sequence[Record], letters: Sequence[str], answer: int
+) -> MultipleChoiceExample:
+    """Letter choices ``" A"`` .. scored after the few-shot context (harness ``acc``)."""
+    choices = tuple(f"{TARGET_DELIMITER}{k}" for k in letters)
+    return MultipleChoiceExample(
+        task.context(record, shots), choices, answer, subject=task.subject(record)
+    )
 
 
 def _clip(text: str, width: int = 60) -> str:
@@ -113,14 +146,109 @@ class Task:
     eval_split: str = "validation"
     test_split: str = "test"
     field_maps: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    prompt_style: PromptStyle = "harness"
     required_fields: ClassVar[tuple[str, ...]] = ()
+    # Harness settings (lm-evaluation-harness task YAML); the toy style overrides some below.
+    harness_num_fewshot: ClassVar[int] = 0
+    harness_fewshot_split: ClassVar[str | None] = None  # None: the training split
+    harness_sampler: ClassVar[FewshotSampler] = "random"
+    harness_stop: ClassVar[tuple[str, ...]] = ("\n\n",)
+    harness_max_new_tokens: ClassVar[int] = 256
 
-    def format(self, record: Record) -> tuple[str, str]:
-        """``(prompt, target)`` for training; the target starts with a space."""
+    def __post_init__(self) -> None:
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(
+                f"task {self.name!r}: prompt_style {self.prompt_style!r} is not one of "
+                f"{', '.join(map(repr, PROMPT_STYLES))}"
+            )
+
+    def styled(self, prompt_style: PromptStyle) -> Task:
+        """This task with ``prompt_style`` (``"harness"`` or ``"toy"``)."""
+        return replace(self, prompt_style=prompt_style)
+
+    # --- evaluation protocol ------------------------------------------------------------------
+
+    @property
+    def num_fewshot(self) -> int:
+        """Default number of demonstrations (harness convention; 0 for the toy style)."""
+        return self.harness_num_fewshot if self.prompt_style == "harness" else 0
+
+    @property
+    def fewshot_sampler(self) -> FewshotSampler:
+        """``first_n`` (the pool's first n, in order) or ``random`` (the harness's default
+        sampler: ``random.Random(1234)``, one draw per evaluated record in split order)."""
+        return self.harness_sampler if self.prompt_style == "harness" else "first_n"
+
+    @property
+    def fewshot_split(self) -> str:
+        """The split demonstrations come from (the harness's ``fewshot_split``)."""
+        if self.prompt_style == "harness" and self.harness_fewshot_split is not None:
+            return self.harness_fewshot_split
+        return self.train_split
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Stop strings of generation (the harness's ``until``)."""
+        return self.harness_stop if self.prompt_style == "harness" else ("\n\n",)
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Generation budget (the harness's ``max_gen_toks``, 256 by default)."""
+        return self.harness_max_new_tokens if self.prompt_style == "harness" else 64
+
+    def fewshot_pool(self, pool: Sequence[Record], record: Record) -> list[Record]:
+        """The records demonstrations for ``record`` are drawn from (default: all of ``pool``)."""
+        return list(pool)
+
+    # --- rendering ----------------------------------------------------------------------------
+
+    def subject(self, record: Record) -> str:
+        """The record's subject for per-subject scores (MMLU); ``""`` for the others."""
+        return ""
+
+    def description(self, record: Record) -> str:
+        """Text before the demonstrations and the question (the harness's ``description``)."""
+        return ""
+
+    def prompt(self, record: Record) -> str:
+        """The question text, ending before the answer (the harness's ``doc_to_text``)."""
         raise NotImplementedError
 
-    def eval_example(self, record: Record) -> MultipleChoiceExample | GenerationExample:
-        """The example the task's scorer consumes."""
+    def answer_text(self, record: Record) -> str:
+        """The gold answer without its delimiter (``doc_to_choice[doc_to_target]``)."""
+        raise NotImplementedError
+
+    def format(self, record: Record) -> tuple[str, str]:
+        """``(prompt, target)`` for training: the zero-shot prompt and ``" " + answer``."""
+        return self.description(record) + self.prompt(record), (
+            TARGET_DELIMITER + self.answer_text(record)
+        )
+
+    def messages(self, record: Record, shots: Sequence[Record] = ()) -> list[dict[str, str]]:
+        """The context as chat messages, as the harness builds them for ``apply_chat_template``
+        without ``fewshot_as_multiturn``: the description as the system message, then one user
+        message with the demonstrations and the prompt."""
+        solved = "".join(
+            f"{self.prompt(s)}{TARGET_DELIMITER}{self.answer_text(s)}{FEWSHOT_DELIMITER}"
+            for s in shots
+        )
+        description = self.description(record)
+        system = [{"role": "system", "content": description}] if description else []
+        return [*system, {"role": "user", "content": solved + self.prompt(record)}]
+
+    def context(self, record: Record, shots: Sequence[Record] = ()) -> str:
+        """Description, each demonstration ``prompt + " " + answer + "\n\n"``, then the
+        prompt: the harness's ``fewshot_context`` (plain text, no chat template)."""
+        solved = "".join(
+            f"{self.prompt(s)}{TARGET_DELIMITER}{self.answer_text(s)}{FEWSHOT_DELIMITER}"
+            for s in shots
+        )
+        return self.description(record) + solved + self.prompt(record)
+
+    def eval_example(
+        self, record: Record, shots: Sequence[Record] = ()
+    ) -> MultipleChoiceExample | GenerationExample:
+        """The example the task's scorer consumes, preceded by the demonstrations ``shots``."""
         raise NotImplementedError
 
     def check(self, record: Record) -> None:
@@ -183,16 +311,19 @@ class PubMedQATask(Task):
             )
 
     def prompt(self, record: Record) -> str:
-        context = " ".join(record["context"]["contexts"])
-        return f"Context: {context}\nQuestion: {record['question']}\nAnswer:"
+        """Harness (``preprocess_pubmedqa.doc_to_text``): ``Abstract:`` and the contexts one
+        per line; toy: ``Context:`` and the contexts joined by spaces."""
+        contexts = record["context"]["contexts"]
+        if self.prompt_style == "toy":
+            return f"Context: {' '.join(contexts)}\nQuestion: {record['question']}\nAnswer:"
+        return f"Abstract: {chr(10).join(contexts)}\nQuestion: {record['question']}\nAnswer:"
 
-    def format(self, record: Record) -> tuple[str, str]:
-        return self.prompt(record), f" {record['final_decision']}"
+    def answer_text(self, record: Record) -> str:
+        return record["final_decision"]
 
-    def eval_example(self, record: Record) -> MultipleChoiceExample:
-        choices = tuple(f" {d}" for d in self.decisions)
+    def eval_example(self, record: Record, shots: Sequence[Record] = ()) -> MultipleChoiceExample:
         answer = self.decisions.index(record["final_decision"])
-        return MultipleChoiceExample(self.prompt(record), choices, answer)
+        return _choice_example(self, record, shots, self.decisions, answer)
 
 
 @dataclass(frozen=True)
@@ -224,15 +355,18 @@ class MedQATask(Task):
                 f"{', '.join(map(repr, letters))}",
             )
 
-    def format(self, record: Record) -> tuple[str, str]:
+    def prompt(self, record: Record) -> str:
+        """``Question: {question}``, one ``X. option`` line per letter, ``Answer:`` (both
+        styles; the harness's ``preprocess_medqa.doc_to_text``)."""
         options = [record["options"][k] for k in self._letters(record)]
-        return prompt_mc(record["question"], options), f" {record['answer_idx']}"
+        return prompt_mc(record["question"], options)
 
-    def eval_example(self, record: Record) -> MultipleChoiceExample:
+    def answer_text(self, record: Record) -> str:
+        return record["answer_idx"]
+
+    def eval_example(self, record: Record, shots: Sequence[Record] = ()) -> MultipleChoiceExample:
         letters = self._letters(record)
-        prompt, _ = self.format(record)
-        choices = tuple(f" {k}" for k in letters)
-        return MultipleChoiceExample(prompt, choices, letters.index(record["answer_idx"]))
+        return _choice_example(self, record, shots, letters, letters.index(record["answer_idx"]))
 
 
 @dataclass(frozen=True)
@@ -243,6 +377,9 @@ class MMLUTask(Task):
     """
 
     required_fields: ClassVar[tuple[str, ...]] = ("question", "choices", "answer")
+    harness_num_fewshot: ClassVar[int] = 5  # the MMLU convention (the harness's CLI default: 0)
+    harness_fewshot_split: ClassVar[str | None] = "dev"
+    harness_sampler: ClassVar[FewshotSampler] = "first_n"
 
     def normalize(self, record: Record) -> Record:
         nested = record.get("train")
@@ -265,12 +402,38 @@ class MMLUTask(Task):
                 f"field 'answer' has value {answer!r}; accepted: an int in 0..{len(choices) - 1}",
             )
 
-    def format(self, record: Record) -> tuple[str, str]:
-        return prompt_mc(record["question"], record["choices"]), f" {LETTERS[record['answer']]}"
+    def subject(self, record: Record) -> str:
+        return str(record.get("subject") or "")
 
-    def eval_example(self, record: Record) -> MultipleChoiceExample:
-        choices = tuple(f" {k}" for k in LETTERS[: len(record["choices"])])
-        return MultipleChoiceExample(self.format(record)[0], choices, record["answer"])
+    def fewshot_pool(self, pool: Sequence[Record], record: Record) -> list[Record]:
+        """The pool's records of ``record``'s subject (the harness's tasks are per subject)."""
+        subject = self.subject(record)
+        return [r for r in pool if self.subject(r) == subject]
+
+    def description(self, record: Record) -> str:
+        """Harness: ``"The following are multiple choice questions (with answers) about
+        {subject with spaces}.\\n\\n"`` (none without a subject); toy: none."""
+        subject = self.subject(record)
+        if self.prompt_style == "toy" or not subject:
+            return ""
+        return (
+            "The following are multiple choice questions (with answers) about "
+            f"{subject.replace('_', ' ')}.\n\n"
+        )
+
+    def prompt(self, record: Record) -> str:
+        """Harness: the stripped question (no label), ``A. ..`` lines, ``Answer:``; toy: the
+        same after ``Question: ``."""
+        if self.prompt_style == "toy":
+            return prompt_mc(record["question"], record["choices"])
+        return prompt_mc(record["question"].strip(), record["choices"], label="")
+
+    def answer_text(self, record: Record) -> str:
+        return LETTERS[record["answer"]]
+
+    def eval_example(self, record: Record, shots: Sequence[Record] = ()) -> MultipleChoiceExample:
+        letters = LETTERS[: len(record["choices"])]
+        return _choice_example(self, record, shots, letters, record["answer"])
 
 
 @dataclass(frozen=True)
@@ -278,6 +441,8 @@ class GSM8KTask(Task):
     """``openai/gsm8k`` (config ``main``): ``question``, ``answer`` (solution ending ``#### N``)."""
 
     required_fields: ClassVar[tuple[str, ...]] = ("question", "answer")
+    harness_num_fewshot: ClassVar[int] = 5
+    harness_stop: ClassVar[tuple[str, ...]] = ("Question:", "</s>", "<|im_end|>")
 
     def check(self, record: Record) -> None:
         _require_str(record, "question")
@@ -291,13 +456,14 @@ class GSM8KTask(Task):
             )
 
     def prompt(self, record: Record) -> str:
+        """``Question: {question}\\nAnswer:`` (both styles; the harness's ``doc_to_text``)."""
         return f"Question: {record['question']}\nAnswer:"
 
-    def format(self, record: Record) -> tuple[str, str]:
-        return self.prompt(record), f" {record['answer']}"
+    def answer_text(self, record: Record) -> str:
+        return record["answer"]
 
-    def eval_example(self, record: Record) -> GenerationExample:
-        return GenerationExample(self.prompt(record), record["answer"])
+    def eval_example(self, record: Record, shots: Sequence[Record] = ()) -> GenerationExample:
+        return GenerationExample(self.context(record, shots), record["answer"])
 
 
 @dataclass(frozen=True)
@@ -322,14 +488,17 @@ class ClinicalSumTask(Task):
         _require_str(record, "text")
         _require_str(record, "summary")
 
+    harness_max_new_tokens: ClassVar[int] = 128  # no harness task; one summary, cut at "\n\n"
+
     def prompt(self, record: Record) -> str:
+        """``Note: {text}\\nSummary:`` (both styles; no harness task exists)."""
         return f"Note: {record['text']}\nSummary:"
 
-    def format(self, record: Record) -> tuple[str, str]:
-        return self.prompt(record), f" {record['summary']}"
+    def answer_text(self, record: Record) -> str:
+        return record["summary"]
 
-    def eval_example(self, record: Record) -> GenerationExample:
-        return GenerationExample(self.prompt(record), record["summary"])
+    def eval_example(self, record: Record, shots: Sequence[Record] = ()) -> GenerationExample:
+        return GenerationExample(self.context(record, shots), record["summary"])
 
 
 CLINICAL_STAND_IN = "AGBonnet/augmented-clinical-notes"

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from torch import nn
+from torch import Tensor, nn
 
 from medmoe.eval.answers import exact_match_flexible, exact_match_strict
 from medmoe.eval.examples import GenerationExample, MultipleChoiceExample
@@ -43,6 +43,15 @@ def _check(examples: Sequence[object], metric: str) -> None:
         raise ValueError(f"no examples to evaluate with metric {metric!r}")
 
 
+def _per_subject(examples: Sequence[MultipleChoiceExample], correct: Tensor) -> dict[str, float]:
+    """``{"accuracy/<subject>": accuracy}`` over the examples that have a subject."""
+    hits: dict[str, list[bool]] = {}
+    for ex, ok in zip(examples, correct.tolist(), strict=True):
+        if ex.subject:
+            hits.setdefault(ex.subject, []).append(bool(ok))
+    return {f"accuracy/{s}": sum(v) / len(v) for s, v in sorted(hits.items())}
+
+
 def evaluate_examples(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -53,21 +62,34 @@ def evaluate_examples(
     max_new_tokens: int = 64,
     shots: Sequence[tuple[str, str]] = (),
     stop: Sequence[str] = ("\n\n",),
-    add_bos: bool = True,
+    add_bos_token: bool | None = None,
 ) -> dict[str, float]:
-    """Score ``examples`` with ``metric``, each prompt preceded by the few-shot ``shots``.
+    """Score ``examples`` with ``metric``, each prompt preceded by the few-shot ``shots``
+    (tasks build their own few-shot contexts; ``shots`` is for hand-made examples).
 
-    - ``"accuracy"`` (multiple choice) -> ``{"accuracy"}``;
+    - ``"accuracy"`` (multiple choice) -> ``{"accuracy", "acc_norm"}`` (the harness's ``acc``
+      and ``acc_norm``) and, when examples carry a ``subject``, ``"accuracy/<subject>"`` per
+      subject; ``accuracy`` over all examples is then the size-weighted average of the
+      subjects' (the harness's MMLU group score);
     - ``"gsm8k"`` (generation) -> ``{"exact_match_strict", "exact_match_flexible"}``;
     - ``"rouge_l"`` (generation) -> ``{"rouge_l"}``.
+
+    ``add_bos_token`` has the meaning of lm-eval ``HFLM``'s (``None``: the tokenizer's default).
     """
     _check(examples, metric)
-    examples = [
-        dataclasses.replace(ex, prompt=few_shot_prompt(shots, ex.prompt)) for ex in examples
-    ]
+    if shots:
+        examples = [
+            dataclasses.replace(ex, prompt=few_shot_prompt(shots, ex.prompt)) for ex in examples
+        ]
     if metric == "accuracy":
-        result = score_multiple_choice(model, tokenizer, examples, batch_size, add_bos=add_bos)
-        return {"accuracy": result.accuracy}
+        result = score_multiple_choice(
+            model, tokenizer, examples, batch_size, add_bos_token=add_bos_token
+        )
+        return {
+            "accuracy": result.accuracy,
+            "acc_norm": result.acc_norm,
+            **_per_subject(examples, result.correct),
+        }
     predictions = generate_greedy(
         model,
         tokenizer,
@@ -75,7 +97,7 @@ def evaluate_examples(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         stop=stop,
-        add_bos=add_bos,
+        add_bos_token=add_bos_token,
     )
     references = [ex.reference for ex in examples]
     if metric == "gsm8k":

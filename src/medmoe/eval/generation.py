@@ -54,12 +54,13 @@ def generate_greedy(
     batch_size: int = 16,
     stop: Sequence[str] = ("\n\n",),
     *,
-    add_bos: bool = True,
+    add_bos_token: bool | None = None,
 ) -> list[str]:
-    """Greedy continuation of each prompt, cut at the first stop string.
+    """Greedy continuation of each prompt, cut at the first stop string (``HFLM``'s
+    ``generate_until`` with ``do_sample=False``: ``until`` strings cut the decoded text).
 
     Prompts are encoded as in :func:`~medmoe.eval.multiple_choice.score_multiple_choice`
-    (no special tokens, the BOS prepended if ``add_bos``) and left-padded in batches of
+    (``add_bos_token`` as ``HFLM``'s) and left-padded in batches of
     similar length; ``model.generate`` derives position ids from the attention mask, so a
     batched output equals the one-at-a-time output. Only the new tokens are decoded
     (special tokens skipped); generation also ends at the model's EOS. The tokenizer is never
@@ -69,7 +70,7 @@ def generate_greedy(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         return []
-    encoded = encode_contexts(tokenizer, prompts, add_bos)
+    encoded = encode_contexts(tokenizer, prompts, add_bos_token)
     if any(not seq for seq in encoded):
         raise ValueError("a prompt encodes to no tokens and the tokenizer adds no BOS")
     pad_id = _pad_id(model, tokenizer)

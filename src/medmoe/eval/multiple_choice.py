@@ -1,14 +1,17 @@
 """Multiple-choice scoring by continuation log-likelihood (lm-evaluation-harness style).
 
 Each choice is scored as ``sum_t log p(continuation_t | prompt, continuation_<t)``, with the
-prompt and the continuation tokenised *separately*, so the scored tokens are exactly the
-choice's own tokens. The prediction is the choice with the highest summed log-likelihood
-(the first one on ties), i.e. the harness's ``acc`` (not the length-normalised ``acc_norm``).
+requests tokenised as lm-evaluation-harness's ``HFLM`` does (``_encode_pair``): trailing
+whitespace of the prompt moves to the continuation, ``prompt + choice`` and ``prompt`` are each
+encoded, and the continuation is the tokens of the whole past the prompt's. The prediction is
+the choice with the highest summed log-likelihood (the first one on ties): the harness's
+``acc``; ``acc_norm`` divides by each choice's character length first.
 
-Special tokens: the prompt and the choices are encoded with ``add_special_tokens=False``;
-with ``add_bos=True`` (the default, as Llama tokenizers do) the tokenizer's BOS token is then
-prepended to the prompt and nowhere else, so no BOS/EOS ever lands mid-sequence. Pass
-``add_bos=False`` for models trained without BOS.
+Special tokens (:func:`encode_contexts`): ``add_bos_token`` has ``HFLM``'s meaning. ``None``
+(the default, as ``HFLM`` in lm-eval 0.4.13) encodes with the tokenizer's default special
+tokens, i.e. its BOS for Llama, Mistral and Gemma tokenizers; ``True`` asks for them
+explicitly; ``False`` encodes without any (older harness versions' default). A text that
+already starts with the BOS string is never given a second one.
 
 Batches are right-padded, so every real token keeps its natural position id and the padding
 (after all real tokens, under causal attention) cannot change any score.
@@ -44,12 +47,15 @@ class MultipleChoiceResult:
     """Scores of a multiple-choice evaluation.
 
     ``loglikelihoods`` is ``[N, C_max]`` float64 (``-inf`` where an example has fewer than
-    ``C_max`` choices); ``predictions`` is ``[N]`` long, the argmax of each row.
+    ``C_max`` choices); ``predictions`` is ``[N]`` long, the argmax of each row; ``accuracy``
+    is the harness's ``acc``, ``acc_norm`` its length-normalised one.
     """
 
     predictions: Tensor
     loglikelihoods: Tensor
     accuracy: float
+    acc_norm: float = float("nan")
+    correct: Tensor | None = None  # [N] bool, the argmax is the answer
 
 
 @contextlib.contextmanager
@@ -77,13 +83,21 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def encode_contexts(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], add_bos: bool = True
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], add_bos_token: bool | None = None
 ) -> list[list[int]]:
-    """Token ids of each text without special tokens, with the BOS prepended if ``add_bos``."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    prefix = [bos] if add_bos and bos is not None else []
-    return [prefix + list(seq) for seq in ids]
+    """Token ids of each text as ``HFLM.tok_encode`` gives them.
+
+    ``add_special_tokens`` is ``add_bos_token`` (``None``: the tokenizer's default, ``True``),
+    except for a text that already starts with the BOS string (a rendered chat template).
+    """
+    special = True if add_bos_token is None else add_bos_token
+    bos_text = tokenizer.bos_token
+    encoded = []
+    for text in texts:
+        starts_with_bos = bool(bos_text) and text.startswith(bos_text)
+        add = special and not starts_with_bos
+        encoded.append(list(tokenizer(text, add_special_tokens=add)["input_ids"]))
+    return encoded
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -107,12 +121,15 @@ def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[Tens
 
 
 def _split_requests(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[MultipleChoiceExample], add_bos: bool
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[MultipleChoiceExample],
+    add_bos_token: bool | None,
 ) -> tuple[list[list[int]], list[list[list[int]]]]:
-    """Context ids per example and continuation ids per (example, choice).
+    """Context ids per example and continuation ids per (example, choice), as ``HFLM``.
 
-    Trailing whitespace of a prompt moves to the front of its continuations (as the harness
-    does), so ``"Answer: " + "A"`` is scored as ``"Answer:" + " A"``.
+    Trailing whitespace of a prompt moves to the front of its continuations, so
+    ``"Answer: " + "A"`` is scored as ``"Answer:" + " A"``; the continuation's ids are those
+    of ``context + continuation`` past the context's own ids.
     """
     contexts, continuations = [], []
     for ex in examples:
@@ -120,10 +137,15 @@ def _split_requests(
         moved = ex.prompt[len(context) :]
         contexts.append(context)
         continuations.append([moved + choice for choice in ex.choices])
-    context_ids = encode_contexts(tokenizer, contexts, add_bos)
-    flat = [choice for choices in continuations for choice in choices]
-    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
-    choice_ids = [[list(next(flat_ids)) for _ in ex.choices] for ex in examples]
+    context_ids = encode_contexts(tokenizer, contexts, add_bos_token)
+    wholes = [
+        ctx + cont for ctx, conts in zip(contexts, continuations, strict=True) for cont in conts
+    ]
+    whole_ids = iter(encode_contexts(tokenizer, wholes, add_bos_token))
+    choice_ids = [
+        [next(whole_ids)[len(ctx_ids) :] for _ in ex.choices]
+        for ex, ctx_ids in zip(examples, context_ids, strict=True)
+    ]
     for ex, ctx, ctx_ids, ids in zip(examples, contexts, context_ids, choice_ids, strict=True):
         if not ctx_ids:
             raise ValueError(
@@ -220,7 +242,7 @@ def score_multiple_choice(
     examples: Sequence[MultipleChoiceExample],
     batch_size: int = 16,
     *,
-    add_bos: bool = True,
+    add_bos_token: bool | None = None,
 ) -> MultipleChoiceResult:
     """Score every choice of every example by its summed continuation log-likelihood.
 
@@ -231,7 +253,7 @@ def score_multiple_choice(
     _validate(examples)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    context_ids, choice_ids = _split_requests(tokenizer, examples, add_bos)
+    context_ids, choice_ids = _split_requests(tokenizer, examples, add_bos_token)
     width = max(len(ex.choices) for ex in examples)
     scores = torch.full((len(examples), width), float("-inf"), dtype=torch.float64)  # [N, C]
     single = all(len(seq) == 1 for choices in choice_ids for seq in choices)
@@ -240,5 +262,15 @@ def score_multiple_choice(
         score(model, context_ids, choice_ids, scores, batch_size, _pad_id(tokenizer))
     predictions = scores.argmax(dim=1)  # [N]
     answers = torch.tensor([ex.answer for ex in examples])
-    accuracy = (predictions == answers).double().mean().item()
-    return MultipleChoiceResult(predictions=predictions, loglikelihoods=scores, accuracy=accuracy)
+    correct = predictions == answers  # [N]
+    lengths = torch.ones_like(scores)  # [N, C]; padding columns stay -inf / 1
+    for i, ex in enumerate(examples):
+        lengths[i, : len(ex.choices)] = torch.tensor(ex.choice_lengths(), dtype=torch.float64)
+    normed = (scores / lengths.clamp(min=1)).argmax(dim=1) == answers  # [N]
+    return MultipleChoiceResult(
+        predictions=predictions,
+        loglikelihoods=scores,
+        accuracy=correct.double().mean().item(),
+        acc_norm=normed.double().mean().item(),
+        correct=correct,
+    )
