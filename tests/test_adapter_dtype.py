@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_llama
 from torch import nn
 
-from medmoe.adapters import MoELoRAConfig, MoELoRALinear
+from medmoe.adapters import MoELoRA, MoELoRAConfig, MoELoRALinear
 from medmoe.adapters.multi_lora import MultiLoRA, MultiLoRALinear
 
 FACTORS = ("lora_A", "lora_B")
@@ -20,7 +20,7 @@ def _bf16_model(spec):
 
 
 SPECS = {
-    "moe-lora": lambda dtype: MoELoRAConfig(
+    "moe-lora": lambda dtype: MoELoRA(
         allocation="uniform", num_experts=2, allowed_ranks=[4], adapter_dtype=dtype
     ),
     "multi-lora": lambda dtype: MultiLoRA(num_tasks=2, r=4, adapter_dtype=dtype),

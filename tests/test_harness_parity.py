@@ -61,7 +61,7 @@ def harness_task(yaml: str, tmp_path: Path, splits: dict[str, list[dict]]) -> Co
 
 
 def fixture_records(task: str, name: str) -> list[dict]:
-    return load_records(task, str(FIXTURES / name), "test")
+    return load_records(task, str(FIXTURES / name), "test", whole_file=True)
 
 
 # --- schemas: medmoe's hub datasets -> the datasets the harness's YAMLs name -------------------

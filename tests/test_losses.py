@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from medmoe.adapters import MoELoRAConfig
+from medmoe.adapters import MoELoRA
 from medmoe.adapters.lora import LoRA
 from medmoe.losses import IGNORE_INDEX, full_vocabulary_token_losses, target_token_losses
 
@@ -28,7 +28,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 def _adapted(kind: str, **config):
     model = make_tiny_llama(seed=0, **config).double().train()
     if kind == "moe":
-        model = MoELoRAConfig(
+        model = MoELoRA(
             allocation="uniform", num_experts=2, allowed_ranks=[2, 4], dropout=0.0
         ).apply(model)
     else:

@@ -21,7 +21,12 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from medmoe.data import MultiTaskDataModule
-from medmoe.errors import describe_parser_error, describe_user_error, read_checkpoint
+from medmoe.errors import (
+    describe_parser_error,
+    describe_union_error,
+    describe_user_error,
+    read_checkpoint,
+)
 from medmoe.model import MedMoEModule
 
 EXIT_INPUT_ERROR = 2
@@ -200,6 +205,9 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(EXIT_INPUT_ERROR) from None
     except Exception as err:
         described = None if debug else describe_user_error(err)
+        union = None if debug or described else describe_union_error(err)
+        if union is not None:
+            described = union, EXIT_INPUT_ERROR
         if described is None:
             raise
         message, code = described

@@ -151,6 +151,30 @@ _BOILERPLATE = re.compile(
     r"^(Parser key \"|Does not validate against any of the Union subtypes|Subtypes: |Errors:|"
     r"- Expected a <class 'NoneType'>|Given value|- Problem with given class_path|tip: )"
 )
+# a union member the class_path is not: a reason only when no member gives a better one
+_OTHER_UNION_MEMBER = re.compile(r"^Import path \S+ does not correspond to a subclass of")
+
+
+UNION_FAILURE = "Does not validate against any of the Union subtypes"
+
+
+def describe_union_error(err: BaseException) -> str | None:
+    """One line for jsonargparse's failure to build a ``Union`` typed argument (an adapter whose
+    config class rejected a value): the innermost reason, prefixed by the class that gave it."""
+    text = str(err)
+    if UNION_FAILURE not in text:
+        return None
+    message = describe_parser_error(text)
+    given = [
+        (len(line) - len(line.lstrip()), match.group(1))
+        for line in text.splitlines()
+        if (match := re.search(r"Given value: Namespace\(class_path='([\w.]+)'", line))
+    ]
+    if given:
+        owner = max(given)[1].rpartition(".")[2]
+        if not message.startswith(owner):
+            message = f"{owner}: {message}"
+    return message
 
 
 def describe_parser_error(text: str) -> str:
@@ -158,7 +182,7 @@ def describe_parser_error(text: str) -> str:
     message (``model.adapter.allocation: Expected a typing.Literal[...]. Got value: eq3``)."""
     lines = [line for line in text.splitlines() if line.strip()]
     stack: list[tuple[int, str]] = []
-    best: tuple[int, str, list[str]] | None = None
+    best: tuple[tuple[bool, int], str, list[str]] | None = None
     for line in lines:
         indent = len(line) - len(line.lstrip())
         body = line.strip()
@@ -170,8 +194,11 @@ def describe_parser_error(text: str) -> str:
             continue
         if _BOILERPLATE.match(body.lstrip("- ").strip()) or _BOILERPLATE.match(body):
             continue
-        if best is None or indent > best[0]:
-            best = (indent, body.lstrip("- "), [k for _, k in stack])
+        message = body.lstrip("- ")
+        # rank: depth first; a real reason beats "not a subclass of another union member"
+        rank = (not _OTHER_UNION_MEMBER.match(message), indent)
+        if best is None or rank > best[0]:
+            best = (rank, message, [k for _, k in stack])
     if best is None:
         return " ".join(text.split())[:300]
     _, message, keys = best
