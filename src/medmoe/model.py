@@ -13,17 +13,18 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    get_cosine_schedule_with_warmup,
-)
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from medmoe.adapters import MoELoRALinear, enable_gradient_checkpointing
 from medmoe.adapters.spec import AdapterSpec
+from medmoe.adapters.state import (
+    TAU_PARAMETRISATION,
+    TAU_PARAMETRISATION_KEY,
+    convert_legacy_log_tau,
+)
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
+from medmoe.optimization import parameter_groups, warmup_cosine_schedule
 
 IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,7 +55,11 @@ class MedMoEModule(LightningModule):
         kp_delta: LoRAMoE's degree of imbalance delta in [0, 1).
         routing_tokens: tokens the routing losses average over: ``"all"`` non-padding tokens or
             ``"target"`` tokens only (prompt tokens masked).
-        learning_rate: AdamW peak learning rate (paper: 5e-5).
+        learning_rate: AdamW peak learning rate of the adapters (paper: 5e-5).
+        router_learning_rate: peak learning rate of the routers and temperatures (their own
+            parameter group, same schedule, no weight decay). The default 2e-3 lets ``log tau``
+            cross its whole range (a factor 10 either way) within ~1200 steps of the paper's
+            3000-step cosine schedule (docs/mechanisms.md); at 5e-5 it could move tau by < 8%.
         weight_decay: AdamW weight decay; never applied to routers, temperatures or biases.
         warmup_ratio: fraction of the optimizer steps spent in linear warm-up before the cosine
             decay (paper: 0.03).
@@ -81,6 +86,7 @@ class MedMoEModule(LightningModule):
         kp_delta: float = 0.1,
         routing_tokens: Literal["all", "target"] = "all",
         learning_rate: float = 5e-5,
+        router_learning_rate: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -93,6 +99,11 @@ class MedMoEModule(LightningModule):
         if lambda_balance < 0 or lambda_kp < 0:
             raise ValueError(
                 f"lambda_balance and lambda_kp must be >= 0, got {lambda_balance}, {lambda_kp}"
+            )
+        if not learning_rate > 0 or not router_learning_rate >= 0:
+            raise ValueError(
+                f"need learning_rate > 0 and router_learning_rate >= 0, got {learning_rate}, "
+                f"{router_learning_rate}"
             )
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio}")
@@ -321,24 +332,18 @@ class MedMoEModule(LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            exempt = param.ndim < 2 or "router" in name or "log_tau" in name
-            (no_decay if exempt else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = parameter_groups(
+            self.model,
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            self.hparams.get("router_learning_rate", 2e-3),
+        )
         optimizer = self._optimizer_class()(
-            [g for g in groups if g["params"]],
-            lr=self.hparams.learning_rate,
-            betas=tuple(self.hparams.betas),
+            groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas)
         )
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -368,6 +373,7 @@ class MedMoEModule(LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
         checkpoint["medmoe_rng_states"] = _rng_states()
+        checkpoint[TAU_PARAMETRISATION_KEY] = TAU_PARAMETRISATION
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
@@ -375,6 +381,8 @@ class MedMoEModule(LightningModule):
         state = checkpoint.get("state_dict")
         if state is None:
             return
+        if checkpoint.get(TAU_PARAMETRISATION_KEY) is None:  # written under the hard tau clamp
+            checkpoint["state_dict"] = state = convert_legacy_log_tau(state, self.model, "model.")
         missing = sorted(self.trainable_state_keys() - set(state))
         if missing:
             raise KeyError(
