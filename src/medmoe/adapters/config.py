@@ -14,10 +14,12 @@ from torch import nn
 
 from medmoe.adapters.allocation import (
     DEFAULT_ALLOWED_RANKS,
+    PAPER_DEPTH_RANGES,
     RANK_PATTERNS,
     assign_ranks,
     bottom_heavy_counts,
     check_ranks,
+    counts_from_depth_ranges,
     counts_from_ranges,
     expert_counts,
     uniform_counts,
@@ -25,7 +27,7 @@ from medmoe.adapters.allocation import (
 from medmoe.adapters.spec import AdapterSpec
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALLOCATIONS = ("eq2", "ranges", "uniform", "bottom_heavy")
+ALLOCATIONS = ("eq2", "depth_ranges", "ranges", "uniform", "bottom_heavy")
 
 
 @dataclass
@@ -36,12 +38,18 @@ class MoELoRAConfig(AdapterSpec):
         target_modules: names (last path component) of the linear layers adapted in every
             decoder layer. Default: all attention and MLP projections of Llama/Qwen2/Mistral.
         allocation: how many experts each decoder layer gets:
-            ``"eq2"`` (eq 2 with ``n_min``, ``n_max``, ``gamma``), ``"ranges"`` (explicit
-            ``layer_ranges``; layers no range covers follow eq 2), ``"uniform"``
-            (``num_experts`` everywhere) or ``"bottom_heavy"`` (eq 2 mirrored).
+            ``"eq2"`` (eq 2 with ``n_min``, ``n_max``, ``gamma``), ``"depth_ranges"`` (the
+            default: ``depth_ranges``, fractions of depth, so it fits any depth; layers no
+            range covers follow eq 2), ``"ranges"`` (explicit 1-based ``layer_ranges``; layers
+            no range covers follow eq 2), ``"uniform"`` (``num_experts`` everywhere) or
+            ``"bottom_heavy"`` (eq 2 mirrored). ``None`` (the default) resolves to ``"ranges"``
+            when ``layer_ranges`` is given, else to ``"depth_ranges"``.
         n_min: fewest experts per layer (eq 2).
         n_max: most experts per layer (eq 2).
         gamma: curvature of eq 2, >= 1.
+        depth_ranges: ranges of depth ``LOW < l/L <= HIGH`` -> expert count, for
+            ``"depth_ranges"``. Default: the paper's experiment as fractions,
+            ``{"0-10/32": 2, "19/32-1": 8}``, exactly layers 1-10 and 20-32 at L=32.
         layer_ranges: 1-based inclusive layer ranges -> expert count, for ``"ranges"``. The
             paper's experiment: ``{"1-10": 2, "20-32": 8}`` (layers 11-19, on which the paper
             is silent, follow eq 2). Table 3 writes the top block as 23-32; both readings are
@@ -62,11 +70,12 @@ class MoELoRAConfig(AdapterSpec):
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
-    allocation: Literal["eq2", "ranges", "uniform", "bottom_heavy"] = "ranges"
+    allocation: Literal["eq2", "depth_ranges", "ranges", "uniform", "bottom_heavy"] | None = None
     n_min: int = 2
     n_max: int = 8
     gamma: float = 1.0
-    layer_ranges: dict[str, int] | None = field(default_factory=lambda: {"1-10": 2, "20-32": 8})
+    depth_ranges: dict[str, int] | None = field(default_factory=lambda: dict(PAPER_DEPTH_RANGES))
+    layer_ranges: dict[str, int] | None = None
     num_experts: int = 4
     allowed_ranks: list[int] = field(default_factory=lambda: list(DEFAULT_ALLOWED_RANKS))
     rank_pattern: Literal["cycle", "spread", "equal"] = "cycle"
@@ -84,6 +93,8 @@ class MoELoRAConfig(AdapterSpec):
         self.target_modules = list(self.target_modules)
         self.allowed_ranks = [int(r) for r in self.allowed_ranks]
         self.tau_range = (float(self.tau_range[0]), float(self.tau_range[1]))
+        if self.allocation is None:
+            self.allocation = "ranges" if self.layer_ranges else "depth_ranges"
         if not self.target_modules:
             raise ValueError("target_modules must name at least one linear layer")
         if self.allocation not in ALLOCATIONS:
@@ -96,6 +107,12 @@ class MoELoRAConfig(AdapterSpec):
             )
         if not self.gamma >= 1:
             raise ValueError(f"gamma must be >= 1 (eq 2), got {self.gamma}")
+        if self.allocation == "depth_ranges" and not self.depth_ranges:
+            raise ValueError(
+                "allocation='depth_ranges' needs depth_ranges, e.g. {'0-10/32': 2, '19/32-1': 8}"
+            )
+        if self.depth_ranges:
+            counts_from_depth_ranges(32, self.depth_ranges, fill=1)  # checks every spec
         if self.allocation == "ranges" and not self.layer_ranges:
             raise ValueError("allocation='ranges' needs layer_ranges, e.g. {'1-10': 2, '20-32': 8}")
         if self.num_experts < 1:
@@ -129,6 +146,9 @@ class MoELoRAConfig(AdapterSpec):
             counts = bottom_heavy_counts(num_layers, self.n_min, self.n_max, self.gamma)
         elif self.allocation == "uniform":
             counts = uniform_counts(num_layers, self.num_experts)
+        elif self.allocation == "depth_ranges":
+            fill = expert_counts(num_layers, self.n_min, self.n_max, self.gamma)
+            counts = counts_from_depth_ranges(num_layers, self.depth_ranges or {}, fill=fill)
         else:
             fill = expert_counts(num_layers, self.n_min, self.n_max, self.gamma)
             counts = counts_from_ranges(num_layers, self.layer_ranges or {}, fill=fill)
