@@ -139,14 +139,11 @@ class MedMoEModule(LightningModule):
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(base)
         expected_tasks = getattr(self.adapter, "num_tasks", None)
-        if (
-            expected_tasks is not None
-            and self.task_names
-            and expected_tasks != len(self.task_names)
-        ):
+        if expected_tasks is not None and self.task_names and expected_tasks > len(self.task_names):
             raise ValueError(
                 f"{type(self.adapter).__name__}.num_tasks={expected_tasks} but the data has "
-                f"{len(self.task_names)} tasks {self.task_names}: one adapter per task id"
+                f"only {len(self.task_names)} tasks {self.task_names}: one adapter per domain "
+                "task (the data's tasks come first in task-id order, then its replay)"
             )
         self.model = self.adapter.apply(base)
         self.model.train(self.training)  # from_pretrained returns eval mode: follow the module
