@@ -49,7 +49,9 @@ class MedMoEModule(LightningModule):
             ``"flash_attention_2"``); ``None`` lets transformers choose.
         gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
         lambda_balance: weight of the load-balancing loss (eq 5).
-        balance_form: ``"variance"`` (the paper), ``"cv2"`` or ``"switch"``.
+        balance_form: ``"variance"`` (the paper's form), ``"normalized"`` (the variance over
+            its collapsed-router value ``(N-1)/N^2``: 1 at collapse for every N), ``"cv2"`` or
+            ``"switch"``.
         lambda_kp: weight of the knowledge-preservation loss (general samples to base experts,
             domain samples to specialists); 0 turns it off.
         kp_delta: LoRAMoE's degree of imbalance delta in [0, 1).
@@ -81,7 +83,7 @@ class MedMoEModule(LightningModule):
         attn_implementation: str | None = "sdpa",
         gradient_checkpointing: bool = False,
         lambda_balance: float = 0.01,
-        balance_form: Literal["variance", "cv2", "switch"] = "variance",
+        balance_form: Literal["variance", "normalized", "cv2", "switch"] = "variance",
         lambda_kp: float = 0.0,
         kp_delta: float = 0.1,
         routing_tokens: Literal["all", "target"] = "all",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,7 +60,13 @@ class MoELoRAConfig(AdapterSpec):
         rank_pattern: how a layer's experts get their ranks: ``"cycle"``, ``"spread"`` or
             ``"equal"`` (see :func:`medmoe.adapters.allocation.assign_ranks`).
         expert_rank: the rank for ``"equal"`` (must be in ``allowed_ranks``).
-        num_base_experts: base (anchor) experts per layer, the first ones of each layer.
+        num_base_experts: base (anchor) experts per layer, the first ones of each layer
+            (default 1: the paper's "dedicated Base Expert"). Ignored when
+            ``base_expert_fraction`` is set.
+        base_expert_fraction: if set, each layer's base group is ``floor(fraction * N_l)``
+            experts (at least 1, leaving at least 1 specialist); 0.5 splits every layer into
+            halves as LoRAMoE does, which the knowledge-preservation loss needs to separate
+            general from domain routing (docs/mechanisms.md).
         top_k: ``None`` for soft merging (the method); k for top-k routing (vanilla MoE-LoRA).
         alpha_over_r: ``alpha_i = alpha_over_r * r_i`` (paper: alpha = 2r, so every scale is 2).
         alpha: if set, a fixed alpha for every expert instead (scale alpha / r_i).
@@ -81,6 +88,7 @@ class MoELoRAConfig(AdapterSpec):
     rank_pattern: Literal["cycle", "spread", "equal"] = "cycle"
     expert_rank: int | None = None
     num_base_experts: int = 1
+    base_expert_fraction: float | None = None
     top_k: int | None = None
     alpha_over_r: float = 2.0
     alpha: float | None = None
@@ -127,6 +135,11 @@ class MoELoRAConfig(AdapterSpec):
             check_ranks([self.expert_rank], self.allowed_ranks)
         if self.num_base_experts < 0:
             raise ValueError(f"num_base_experts must be >= 0, got {self.num_base_experts}")
+        if self.base_expert_fraction is not None and not 0 < self.base_expert_fraction < 1:
+            raise ValueError(
+                f"base_expert_fraction must be None or lie in (0, 1), got "
+                f"{self.base_expert_fraction}"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be None (soft merging) or >= 1, got {self.top_k}")
         low, high = self.tau_range
@@ -153,12 +166,18 @@ class MoELoRAConfig(AdapterSpec):
             fill = expert_counts(num_layers, self.n_min, self.n_max, self.gamma)
             counts = counts_from_ranges(num_layers, self.layer_ranges or {}, fill=fill)
         for layer, n in enumerate(counts, start=1):
-            if n <= self.num_base_experts:
+            if n <= self.base_experts_for(n):
                 raise ValueError(
                     f"layer {layer} gets {n} expert(s), which leaves no specialist beside "
-                    f"num_base_experts={self.num_base_experts}"
+                    f"num_base_experts={self.base_experts_for(n)}"
                 )
         return counts
+
+    def base_experts_for(self, num_experts: int) -> int:
+        """The size of the base group of a layer with ``num_experts`` experts."""
+        if self.base_expert_fraction is None:
+            return self.num_base_experts
+        return min(max(1, math.floor(self.base_expert_fraction * num_experts)), num_experts - 1)
 
     def layer_ranks(self, num_layers: int) -> list[list[int]]:
         """The ranks of every expert of every decoder layer."""
@@ -167,10 +186,13 @@ class MoELoRAConfig(AdapterSpec):
             for n in self.layer_expert_counts(num_layers)
         ]
 
-    def layer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`MoELoRALinear` shared by every adapted layer."""
+    def layer_kwargs(self, num_experts: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of :class:`MoELoRALinear` for a layer of ``num_experts`` experts
+        (needed when ``base_expert_fraction`` sizes the base group per layer)."""
+        if num_experts is None and self.base_expert_fraction is not None:
+            raise ValueError("layer_kwargs needs num_experts when base_expert_fraction is set")
         return {
-            "num_base_experts": self.num_base_experts,
+            "num_base_experts": self.base_experts_for(num_experts or 0),
             "top_k": self.top_k,
             "alpha_over_r": self.alpha_over_r,
             "alpha": self.alpha,

@@ -68,7 +68,7 @@ def apply_moe_lora(
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = layer.get_submodule(parent_name) if parent_name else layer
-            moe = layer_cls(module, ranks, **config.layer_kwargs())
+            moe = layer_cls(module, ranks, **config.layer_kwargs(len(ranks)))
             setattr(parent, child, moe)
             adapted.append(moe)
     setattr(model, CONFIG_ATTRIBUTE, config)
