@@ -373,10 +373,14 @@ class MedMoEModule(LightningModule):
 
         checkpoint["medmoe_rng_states"] = _rng_states()
         checkpoint[TAU_PARAMETRISATION_KEY] = TAU_PARAMETRISATION
+        if self.ortho is not None:
+            checkpoint["medmoe_ortho_state"] = self.ortho.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
         self._resumed_rng_states = checkpoint.get("medmoe_rng_states")
+        if self.ortho is not None and "medmoe_ortho_state" in checkpoint:
+            self.ortho.load_state_dict(checkpoint["medmoe_ortho_state"])
         state = checkpoint.get("state_dict")
         if state is None:
             return
