@@ -150,7 +150,7 @@ def test_old_adapter_files_load_to_the_tau_they_meant(tiny_llama, tmp_path):
     for index, key in enumerate(keys):
         meant = min(max(math.exp(legacy_values[index % len(legacy_values)]), 0.1), 10.0)
         tau = float(layers[key.removesuffix(".log_tau")].tau)
-        assert tau == pytest.approx(meant, rel=1.1e-3 if meant in (0.1, 10.0) else 1e-6), key
+        assert tau == pytest.approx(meant, rel=1e-4 if meant in (0.1, 10.0) else 1e-6), key
 
     description[TAU_PARAMETRISATION_KEY] = "something_else"
     (old / ADAPTER_CONFIG).write_text(json.dumps(description))
@@ -186,5 +186,5 @@ def test_old_checkpoints_resume_with_the_tau_they_meant():
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     for _, layer in moe_lora_layers(module.model):
-        assert float(layer.tau.detach()) == pytest.approx(10.0, rel=1.1e-3)
-        assert float(layer.log_tau.detach()) < 3.0  # not pressed past the bound
+        assert float(layer.tau.detach()) == pytest.approx(10.0, rel=1e-4)
+        assert float(layer.log_tau.detach()) < 3.1  # not pressed far past the bound (2.30)

@@ -60,14 +60,15 @@ def raw_log_tau_for(tau: float, tau_range: tuple[float, float]) -> float:
     """The inverse of :func:`soft_bounded_log_tau`: the raw parameter that gives ``tau``.
 
     ``tau`` at or beyond a bound (only reachable as a limit) maps to the raw value whose tau
-    lies 0.1% inside it (0.46 past the bound in raw units, so a push back acts at once).
+    lies 0.005% inside it (0.76 past the bound in raw units), close enough for
+    :func:`medmoe.callbacks.temperature.at_clamp_bound` to report it at the bound.
     Computed in float64.
     """
     low, high = math.log(tau_range[0]), math.log(tau_range[1])
     if high - low < 1e-9:
         return low
     s = TAU_BOUND_SOFTNESS
-    target = min(max(math.log(tau), low + 1e-3), high - 1e-3)
+    target = min(max(math.log(tau), low + 5e-5), high - 5e-5)
     # y - lo = s log((1 + u) / (1 + k u)) with u = exp((raw - lo) / s), k = exp(-(hi - lo) / s)
     # solved for u; in log space so large ranges do not overflow.
     log_w = (target - low) / s
@@ -80,7 +81,7 @@ def raw_log_tau_from_legacy(legacy: Tensor, tau_range: tuple[float, float]) -> T
     """Raw parameters that give the tau a pre-soft-bound file meant: ``clamp(exp(legacy))``.
 
     Adapter files and checkpoints written before the soft bound stored ``log tau`` under a hard
-    clamp; this converts them so they load to the same tau (one at a bound: 0.1% inside it).
+    clamp; this converts them so they load to the same tau (one at a bound: 0.005% inside it).
     """
     low, high = tau_range
     values = [
