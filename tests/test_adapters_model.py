@@ -153,7 +153,8 @@ def test_model_without_decoder_layers():
 
 def test_ranges_outside_the_model_are_rejected(tiny_llama):
     with pytest.raises(ValueError, match=r"'1-10' must lie within 1-4"):
-        apply_moe_lora(tiny_llama, MoELoRAConfig())  # the paper's 32-layer ranges
+        # the paper's 32-layer ranges, written as layers (the default writes them as depth)
+        apply_moe_lora(tiny_llama, MoELoRAConfig(layer_ranges={"1-10": 2, "20-32": 8}))
 
 
 @pytest.mark.parametrize(

@@ -77,3 +77,72 @@ def test_a_layer_without_specialists_is_rejected():
     config = MoELoRAConfig(allocation="uniform", num_experts=1, num_base_experts=1)
     with pytest.raises(ValueError, match="no specialist"):
         config.layer_expert_counts(4)
+
+
+# --------------------------------------------------------------- depth-fraction default
+def test_default_config_reproduces_the_papers_counts_at_32_layers():
+    counts = MoELoRAConfig().layer_expert_counts(32)
+    assert counts[:10] == [2] * 10  # the paper's L_1-10: N = 2
+    assert counts[19:] == [8] * 13  # the paper's L_20-32: N = 8
+    # layers 11-19, on which the paper is silent, follow eq 2 (N_min 2, N_max 8, gamma 1)
+    assert counts[10:19] == [2 + math.floor(6 * layer / 32) for layer in range(11, 20)]
+    explicit = MoELoRAConfig(allocation="ranges", layer_ranges={"1-10": 2, "20-32": 8})
+    assert explicit.layer_expert_counts(32) == counts
+
+
+@pytest.mark.parametrize("depth", [4, 24, 32])
+def test_default_config_applies_to_tiny_llamas_of_any_depth(depth):
+    from conftest import make_tiny_llama
+
+    from medmoe.adapters import apply_moe_lora
+
+    model = make_tiny_llama(num_hidden_layers=depth, hidden_size=16, intermediate_size=16)
+    config = MoELoRAConfig(allowed_ranks=[1, 2], target_modules=["q_proj"])
+    layers = apply_moe_lora(model, config)
+    per_layer = [layer.num_experts for layer in layers]
+    assert per_layer == config.layer_expert_counts(depth)
+    top_third = per_layer[-(depth // 3) :]
+    assert per_layer[0] == 2 and top_third == [8] * len(top_third)
+
+
+def test_depth_ranges_select_layers_by_exact_fraction():
+    from medmoe.adapters.allocation import depth_ranges_to_layer_ranges, parse_depth_range
+
+    assert list(parse_depth_range("0-10/32", 32)) == list(range(1, 11))
+    assert list(parse_depth_range("19/32-1", 32)) == list(range(20, 33))
+    assert list(parse_depth_range("0.5-1", 4)) == [3, 4]
+    assert list(parse_depth_range("0-0.1", 4)) == []  # too narrow to hold a layer at L=4
+    assert depth_ranges_to_layer_ranges({"0-10/32": 2, "19/32-1": 8}, 24) == {
+        "1-7": 2,
+        "15-24": 8,
+    }
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("0.5", "LOW-HIGH"),
+        ("a-1", "not a fraction"),
+        ("0-1.5", r"\[0, 1\]"),
+        ("0.6-0.2", "LOW < HIGH"),
+    ],
+)
+def test_bad_depth_ranges_are_refused_with_the_spec(spec, message):
+    with pytest.raises(ValueError, match=message):
+        MoELoRAConfig(depth_ranges={spec: 2})
+
+
+def test_layer_ranges_given_without_allocation_are_used():
+    config = MoELoRAConfig(layer_ranges={"1-2": 3, "3-4": 4})
+    assert config.allocation == "ranges" and config.layer_expert_counts(4) == [3, 3, 4, 4]
+    assert MoELoRAConfig().allocation == "depth_ranges"
+
+
+def test_docs_show_the_default_plan_that_the_code_gives():
+    from pathlib import Path
+
+    from medmoe.adapters.plan_table import allocation_plan_table
+
+    table = allocation_plan_table(MoELoRAConfig(), (4, 16, 24, 28, 32))
+    docs = (Path(__file__).parents[1] / "docs" / "mechanisms.md").read_text()
+    assert table in docs

@@ -229,3 +229,33 @@ def test_lora_declares_exactly_what_peft_trains(bias):
     assert set(spec.adapter_tensors(model)) == trainable
     biases = {n for n in trainable if n.endswith(".bias")}
     assert len(biases) == {"none": 0, "all": 4 * 4, "lora_only": 4}[bias]  # q, k, v, o per layer
+
+
+def test_multi_lora_has_one_adapter_per_domain_task_and_deals_replay_out():
+    spec = MultiLoRA(num_tasks=3, r=4)
+    task_ids = torch.tensor([0, 3, 2, 4, 1, 3, 3])  # 3 domain tasks, replay tasks 3 and 4
+    general = task_ids >= 3
+    assert spec.adapter_ids(task_ids, general).tolist() == [0, 0, 2, 1, 1, 2, 0]
+    off = MultiLoRA(num_tasks=3, r=4, replay_routing="base")
+    assert off.adapter_ids(task_ids, general).tolist() == [0, -1, 2, -1, 1, -1, -1]
+    with pytest.raises(ValueError, match="number of domain tasks"):
+        spec.adapter_ids(task_ids, torch.zeros(7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="replay_routing"):
+        MultiLoRA(num_tasks=3, replay_routing="shared")
+
+
+def test_multi_lora_task_id_minus_one_is_the_base_model(token_batch):
+    spec = MultiLoRA(num_tasks=2, r=4, dropout=0.0)
+    model = spec.apply(make_tiny_llama()).eval()
+    _perturb_lora_b(model)
+    with torch.no_grad():
+        with spec.disabled(model):
+            base = model(**token_batch).logits
+        spec.set_task_ids(model, torch.tensor([-1, 0, -1]))
+        mixed = model(**token_batch).logits
+        spec.set_task_ids(model, torch.tensor([1, 0, 1]))
+        adapted = model(**token_batch).logits
+    torch.testing.assert_close(mixed[0], base[0], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[2], base[2], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[1], adapted[1])
+    assert not torch.allclose(adapted[0], base[0])

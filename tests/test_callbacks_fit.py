@@ -244,10 +244,25 @@ def test_full_fine_tuning_scores_the_step_zero_model_as_base(tmp_path: Path) -> 
 
 def test_multi_lora_scores_each_task_with_its_adapter(tmp_path: Path) -> None:
     data = _data()
-    module = _module(data, MultiLoRA(num_tasks=len(data.task_names), r=4, dropout=0.0))
+    domain = [n for n, g in zip(data.task_names, data.task_groups, strict=True) if g == "domain"]
+    module = _module(data, MultiLoRA(num_tasks=len(domain), r=4, dropout=0.0))
+    assert module.adapter.num_tasks == 3  # one adapter per medical task, none for replay
     forgetting = ForgettingMonitor(tasks=("mmlu", "gsm8k"), every_n_steps=None, **EVAL)
     trainer = _trainer(tmp_path, [forgetting, DomainEval(**EVAL)], 2, limit_val_batches=1)
     trainer.fit(module, datamodule=data)
     events = _events(tmp_path)
     assert len(events.Scalars("forgetting/gsm8k/delta")) == 1
     assert len(events.Scalars("domain/clinical_sum/rouge_l")) == 1
+    # general benchmarks answered under each domain adapter: mean, worst, and each one
+    scalars = events.Tags()["scalars"]
+    under = {
+        t.rsplit("_under_", 1)[1]
+        for t in scalars
+        if t.startswith("forgetting/mmlu/") and "_under_" in t
+    }
+    assert under == set(domain)  # never under an adapter trained on MMLU or GSM8K
+    each = [events.Scalars(f"forgetting/mmlu/accuracy_under_{n}")[-1].value for n in domain]
+    mean = events.Scalars("forgetting/mmlu/accuracy")[-1].value
+    worst = events.Scalars("forgetting/mmlu/accuracy_worst")[-1].value
+    assert mean == pytest.approx(sum(each) / len(each), abs=1e-6)
+    assert worst == pytest.approx(min(each), abs=1e-6)

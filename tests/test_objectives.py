@@ -77,3 +77,29 @@ def test_bad_arguments():
         layer_balance_loss(torch.ones(1, 3, 2) / 2, torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="num_base_experts > 0"):
         knowledge_preservation_loss([torch.ones(1, 1, 2) / 2], torch.tensor([True]), [0])
+
+
+def _collapsed(num_experts: int, tokens: int = 6) -> torch.Tensor:
+    probs = torch.zeros(1, tokens, num_experts)
+    probs[..., 0] = 1.0  # every token on expert 0
+    return probs
+
+
+def test_collapsed_router_scores_one_at_every_n_in_the_normalized_form():
+    raw = [float(layer_balance_loss(_collapsed(n))) for n in (2, 4, 8)]
+    # the finding: the paper's variance shrinks with N, 0.25 at N = 2, 0.109 at N = 8
+    assert raw == pytest.approx([0.25, 3 / 16, 7 / 64])
+    normalized = [float(layer_balance_loss(_collapsed(n), form="normalized")) for n in (2, 4, 8)]
+    assert normalized == pytest.approx([1.0, 1.0, 1.0])
+    balanced = torch.full((1, 4, 8), 1 / 8)
+    assert float(layer_balance_loss(balanced, form="normalized")) == pytest.approx(0.0, abs=1e-12)
+    # layers of different N averaged: a collapsed model scores 1 whatever its allocation
+    mixed = load_balance_loss([_collapsed(2), _collapsed(3), _collapsed(8)], form="normalized")
+    assert float(mixed) == pytest.approx(1.0)
+
+
+def test_normalized_form_is_cv2_over_n_minus_one():
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]])
+    torch.testing.assert_close(
+        layer_balance_loss(probs, form="normalized"), layer_balance_loss(probs, form="cv2") / 2
+    )

@@ -245,3 +245,35 @@ def test_accumulated_micro_batches_are_projected_together():
 def test_bad_ortho_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         OrthoLoRA(_peft_model(), **kwargs)
+
+
+def test_shuffle_generator_state_resumes_the_same_task_orders():
+    from medmoe.model import MedMoEModule
+    from medmoe.objectives.projection import projection_orders
+
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, vocab_size=96)
+    tiny.update(num_attention_heads=4, num_key_value_heads=2)
+
+    def module() -> MedMoEModule:
+        m = MedMoEModule(
+            tiny_llama=tiny,
+            adapter=MoELoRAConfig(**MOE),
+            task_names=["a", "b", "c", "d"],
+            gradient_projection="ortho",
+        )
+        m.configure_model()
+        return m
+
+    first = module()
+    for _ in range(3):  # the run so far drew three steps' orders
+        projection_orders(4, "shuffle", first.ortho._generator)
+    checkpoint = {"state_dict": first.state_dict()}
+    first.on_save_checkpoint(checkpoint)
+    expected = [projection_orders(4, "shuffle", first.ortho._generator) for _ in range(3)]
+    resumed = module()
+    resumed.on_load_checkpoint(checkpoint)
+    got = [projection_orders(4, "shuffle", resumed.ortho._generator) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    fresh = module()  # without the saved state the orders would differ
+    restarted = [projection_orders(4, "shuffle", fresh.ortho._generator) for _ in range(3)]
+    assert not all(torch.equal(a, b) for a, b in zip(expected, restarted, strict=True))

@@ -15,16 +15,25 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from transformers import get_cosine_schedule_with_warmup
 
 from medmoe.adapters import MoELoRAConfig, MoELoRALinear, enable_gradient_checkpointing
 from medmoe.adapters.med_moe_lora import adapter_spec
 from medmoe.adapters.spec import AdapterConfig, AdapterSpec
+from medmoe.adapters.state import (
+    TAU_PARAMETRISATION,
+    TAU_PARAMETRISATION_KEY,
+    convert_legacy_log_tau,
+)
 from medmoe.base_model import DTYPES, load_base_model
 from medmoe.losses import NonFiniteLossWatch, step_token_objective, target_token_losses
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import OrthoLoRA
-from medmoe.optimization import is_deepspeed, optimizer_class, parameter_groups
+from medmoe.optimization import (
+    is_deepspeed,
+    optimizer_class,
+    parameter_groups,
+    warmup_cosine_schedule,
+)
 from medmoe.resume import check_resume
 from medmoe.rng import gather_rng_states, rank_rng_state, set_rng_states
 
@@ -51,13 +60,19 @@ class MedMoEModule(LightningModule):
             ``"flash_attention_2"``); ``None`` lets transformers choose.
         gradient_checkpointing: non-reentrant activation checkpointing of the decoder layers.
         lambda_balance: weight of the load-balancing loss (eq 5).
-        balance_form: ``"variance"`` (the paper), ``"cv2"`` or ``"switch"``.
+        balance_form: ``"variance"`` (the paper's form), ``"normalized"`` (the variance over
+            its collapsed-router value ``(N-1)/N^2``: 1 at collapse for every N), ``"cv2"`` or
+            ``"switch"``.
         lambda_kp: weight of the knowledge-preservation loss (general samples to base experts,
             domain samples to specialists); 0 turns it off.
         kp_delta: LoRAMoE's degree of imbalance delta in [0, 1).
         routing_tokens: tokens the routing losses average over: ``"all"`` non-padding tokens or
             ``"target"`` tokens only (prompt tokens masked).
-        learning_rate: AdamW peak learning rate (paper: 5e-5).
+        learning_rate: AdamW peak learning rate of the adapters (paper: 5e-5).
+        router_learning_rate: peak learning rate of the routers and temperatures (their own
+            parameter group, same schedule, no weight decay). The default 2e-3 lets ``log tau``
+            cross its whole range (a factor 10 either way) within ~1200 steps of the paper's
+            3000-step cosine schedule (docs/mechanisms.md); at 5e-5 it could move tau by < 8%.
         weight_decay: AdamW weight decay; never applied to routers, temperatures or biases.
         warmup_ratio: fraction of the optimizer steps spent in linear warm-up before the cosine
             decay (paper: 0.03).
@@ -88,11 +103,12 @@ class MedMoEModule(LightningModule):
         attn_implementation: str | None = "sdpa",
         gradient_checkpointing: bool = False,
         lambda_balance: float = 0.01,
-        balance_form: Literal["variance", "cv2", "switch"] = "variance",
+        balance_form: Literal["variance", "normalized", "cv2", "switch"] = "variance",
         lambda_kp: float = 0.0,
         kp_delta: float = 0.1,
         routing_tokens: Literal["all", "target"] = "all",
         learning_rate: float = 5e-5,
+        router_learning_rate: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -107,6 +123,11 @@ class MedMoEModule(LightningModule):
         if lambda_balance < 0 or lambda_kp < 0:
             raise ValueError(
                 f"lambda_balance and lambda_kp must be >= 0, got {lambda_balance}, {lambda_kp}"
+            )
+        if not learning_rate > 0 or not router_learning_rate >= 0:
+            raise ValueError(
+                f"need learning_rate > 0 and router_learning_rate >= 0, got {learning_rate}, "
+                f"{router_learning_rate}"
             )
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must lie in [0, 1), got {warmup_ratio}")
@@ -153,14 +174,11 @@ class MedMoEModule(LightningModule):
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(base)
         expected_tasks = getattr(self.adapter, "num_tasks", None)
-        if (
-            expected_tasks is not None
-            and self.task_names
-            and expected_tasks != len(self.task_names)
-        ):
+        if expected_tasks is not None and self.task_names and expected_tasks > len(self.task_names):
             raise ValueError(
                 f"{type(self.adapter).__name__}.num_tasks={expected_tasks} but the data has "
-                f"{len(self.task_names)} tasks {self.task_names}: one adapter per task id"
+                f"only {len(self.task_names)} tasks {self.task_names}: one adapter per domain "
+                "task (the data's tasks come first in task-id order, then its replay)"
             )
         self.model = self.adapter.apply(base)
         self.model.train(self.training)  # from_pretrained returns eval mode: follow the module
@@ -331,7 +349,13 @@ class MedMoEModule(LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = parameter_groups(self.adapter, self.model, self.hparams.weight_decay)
+        groups = parameter_groups(
+            self.adapter,
+            self.model,
+            self.hparams.learning_rate,
+            self.hparams.weight_decay,
+            self.hparams.get("router_learning_rate", 2e-3),
+        )
         optimizer = optimizer_class(self._trainer.strategy if self._trainer else None)(
             groups,
             lr=self.hparams.learning_rate,
@@ -339,7 +363,7 @@ class MedMoEModule(LightningModule):
         )
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup_steps = math.ceil(self.hparams.warmup_ratio * total_steps)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+        scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -359,6 +383,9 @@ class MedMoEModule(LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
         checkpoint["medmoe_rng_states"] = gather_rng_states()  # every rank's (a collective)
+        checkpoint[TAU_PARAMETRISATION_KEY] = TAU_PARAMETRISATION
+        if self.ortho is not None:
+            checkpoint["medmoe_ortho_state"] = self.ortho.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self._trainer
@@ -374,9 +401,13 @@ class MedMoEModule(LightningModule):
             trainer.global_rank if trainer is not None else 0,
             trainer.world_size if trainer is not None else 1,
         )
+        if self.ortho is not None and "medmoe_ortho_state" in checkpoint:
+            self.ortho.load_state_dict(checkpoint["medmoe_ortho_state"])
         state = checkpoint.get("state_dict")
         if state is None:
             return
+        if checkpoint.get(TAU_PARAMETRISATION_KEY) is None:  # written under the hard tau clamp
+            checkpoint["state_dict"] = state = convert_legacy_log_tau(state, self.model, "model.")
         missing = sorted(self.trainable_state_keys() - set(state))
         if missing:
             raise KeyError(

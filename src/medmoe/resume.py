@@ -28,6 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 STRUCTURAL = ("model_name_or_path", "tiny_llama", "vocab_size")
 REFUSED_ON_RESUME = (
     "learning_rate",
+    "router_learning_rate",
     "weight_decay",
     "betas",
     "torch_dtype",

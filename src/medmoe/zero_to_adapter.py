@@ -332,7 +332,7 @@ def build_adapter_model(tensors: Mapping[str, Tensor], config: MoELoRAConfig) ->
             d_out, _ = tensors[f"{prefix}.lora_B"].shape
             d_in = tensors[f"{prefix}.lora_A"].shape[1]
             base = nn.Linear(d_in, d_out, bias=False, device="meta")
-            layer = MoELoRALinear(base, ranks[index], **config.layer_kwargs())
+            layer = MoELoRALinear(base, ranks[index], **config.layer_kwargs(len(ranks[index])))
             for name in MoELoRALinear.adapter_tensor_names:
                 key = f"{prefix}.{name}"
                 if key not in tensors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 DEFAULT_ALLOWED_RANKS = (8, 16, 32)
 RANK_PATTERNS = ("cycle", "spread", "equal")
@@ -99,6 +100,62 @@ def counts_from_ranges(
     if missing and fill is None:
         raise ValueError(f"layers {missing} are covered by no range in {dict(ranges)} and no fill")
     return [n if n is not None else int(fill[i]) for i, n in enumerate(counts)]  # type: ignore[index]
+
+
+# The paper's experiment (Sec. 4.1, Llama-3-8B, 32 layers: layers 1-10 get 2 experts, 20-32
+# get 8) as fractions of depth, so it applies to a model of any depth.
+PAPER_DEPTH_RANGES = {"0-10/32": 2, "19/32-1": 8}
+
+
+def _depth_fraction(text: str, spec: str) -> Fraction:
+    try:
+        value = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(
+            f"depth range {spec!r}: {text.strip()!r} is not a fraction of depth such as "
+            "'0.25' or '10/32'"
+        ) from None
+    if not 0 <= value <= 1:
+        raise ValueError(f"depth range {spec!r}: {text.strip()} must lie in [0, 1]")
+    return value
+
+
+def parse_depth_range(spec: str, num_layers: int) -> range:
+    """``"LOW-HIGH"`` in fractions of depth -> the 1-based layers ``l`` with ``LOW < l/L <= HIGH``.
+
+    Fractions are decimals or ratios (``"0-10/32"``, ``"0.6-1"``); the comparison is exact.
+    ``"0-10/32"`` is layers 1-10 at L=32 and layers 1-3 at L=12; a range too narrow to hold a
+    layer at this depth covers none.
+    """
+    _check_num_layers(num_layers)
+    low_text, sep, high_text = str(spec).partition("-")
+    if not sep:
+        raise ValueError(f"depth range {spec!r} is not of the form 'LOW-HIGH' (fractions of depth)")
+    low, high = _depth_fraction(low_text, spec), _depth_fraction(high_text, spec)
+    if low >= high:
+        raise ValueError(f"depth range {spec!r} needs LOW < HIGH")
+    layers = [
+        layer for layer in range(1, num_layers + 1) if low < Fraction(layer, num_layers) <= high
+    ]
+    return range(layers[0], layers[-1] + 1) if layers else range(0)
+
+
+def depth_ranges_to_layer_ranges(ranges: Mapping[str, int], num_layers: int) -> dict[str, int]:
+    """Depth-fraction ranges -> 1-based layer ranges (``"FIRST-LAST"``) at ``num_layers``."""
+    layer_ranges = {}
+    for spec, count in ranges.items():
+        layers = parse_depth_range(spec, num_layers)
+        if layers:
+            layer_ranges[f"{layers[0]}-{layers[-1]}"] = int(count)
+    return layer_ranges
+
+
+def counts_from_depth_ranges(
+    num_layers: int, ranges: Mapping[str, int], fill: Sequence[int] | int | None = None
+) -> list[int]:
+    """Expert counts from depth-fraction ranges (:func:`parse_depth_range`); layers no range
+    covers take ``fill`` as in :func:`counts_from_ranges`."""
+    return counts_from_ranges(num_layers, depth_ranges_to_layer_ranges(ranges, num_layers), fill)
 
 
 def assign_ranks(

@@ -10,14 +10,17 @@ Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from medmoe.adapters.allocation import (
     DEFAULT_ALLOWED_RANKS,
+    PAPER_DEPTH_RANGES,
     RANK_PATTERNS,
     assign_ranks,
     bottom_heavy_counts,
+    counts_from_depth_ranges,
     counts_from_ranges,
     expert_counts,
     uniform_counts,
@@ -26,7 +29,7 @@ from medmoe.adapters.moe_lora import ADAPTER_DTYPES
 from medmoe.adapters.spec import AdapterConfig
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALLOCATIONS = ("eq2", "ranges", "uniform", "bottom_heavy")
+ALLOCATIONS = ("eq2", "depth_ranges", "ranges", "uniform", "bottom_heavy")
 
 
 @dataclass
@@ -43,12 +46,18 @@ class MoELoRAConfig(AdapterConfig):
         target_modules: names (last path component) of the linear layers adapted in every
             decoder layer. Default: all attention and MLP projections of Llama/Qwen2/Mistral.
         allocation: how many experts each decoder layer gets:
-            ``"eq2"`` (eq 2 with ``n_min``, ``n_max``, ``gamma``), ``"ranges"`` (explicit
-            ``layer_ranges``; layers no range covers follow eq 2), ``"uniform"``
-            (``num_experts`` everywhere) or ``"bottom_heavy"`` (eq 2 mirrored).
+            ``"eq2"`` (eq 2 with ``n_min``, ``n_max``, ``gamma``), ``"depth_ranges"`` (the
+            default: ``depth_ranges``, fractions of depth, so it fits any depth; layers no
+            range covers follow eq 2), ``"ranges"`` (explicit 1-based ``layer_ranges``; layers
+            no range covers follow eq 2), ``"uniform"`` (``num_experts`` everywhere) or
+            ``"bottom_heavy"`` (eq 2 mirrored). ``None`` (the default) resolves to ``"ranges"``
+            when ``layer_ranges`` is given, else to ``"depth_ranges"``.
         n_min: fewest experts per layer (eq 2).
         n_max: most experts per layer (eq 2).
         gamma: curvature of eq 2, >= 1.
+        depth_ranges: ranges of depth ``LOW < l/L <= HIGH`` -> expert count, for
+            ``"depth_ranges"``. Default: the paper's experiment as fractions,
+            ``{"0-10/32": 2, "19/32-1": 8}``, exactly layers 1-10 and 20-32 at L=32.
         layer_ranges: 1-based inclusive layer ranges -> expert count, for ``"ranges"``. The
             paper's experiment: ``{"1-10": 2, "20-32": 8}`` (layers 11-19, on which the paper
             is silent, follow eq 2). Table 3 writes the top block as 23-32; both readings are
@@ -58,7 +67,13 @@ class MoELoRAConfig(AdapterConfig):
         rank_pattern: how a layer's experts get their ranks: ``"cycle"``, ``"spread"`` or
             ``"equal"`` (see :func:`medmoe.adapters.allocation.assign_ranks`).
         expert_rank: the rank for ``"equal"`` (must be in ``allowed_ranks``).
-        num_base_experts: base (anchor) experts per layer, the first ones of each layer.
+        num_base_experts: base (anchor) experts per layer, the first ones of each layer
+            (default 1: the paper's "dedicated Base Expert"). Ignored when
+            ``base_expert_fraction`` is set.
+        base_expert_fraction: if set, each layer's base group is ``floor(fraction * N_l)``
+            experts (at least 1, leaving at least 1 specialist); 0.5 splits every layer into
+            halves as LoRAMoE does, which the knowledge-preservation loss needs to separate
+            general from domain routing (docs/mechanisms.md).
         top_k: ``None`` for soft merging (the method); k for top-k routing (vanilla MoE-LoRA).
         alpha_over_r: ``alpha_i = alpha_over_r * r_i`` (paper: alpha = 2r, so every scale is 2).
         alpha: if set, a fixed alpha for every expert instead (scale alpha / r_i).
@@ -72,16 +87,18 @@ class MoELoRAConfig(AdapterConfig):
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
-    allocation: Literal["eq2", "ranges", "uniform", "bottom_heavy"] = "ranges"
+    allocation: Literal["eq2", "depth_ranges", "ranges", "uniform", "bottom_heavy"] | None = None
     n_min: int = 2
     n_max: int = 8
     gamma: float = 1.0
-    layer_ranges: dict[str, int] | None = field(default_factory=lambda: {"1-10": 2, "20-32": 8})
+    depth_ranges: dict[str, int] | None = field(default_factory=lambda: dict(PAPER_DEPTH_RANGES))
+    layer_ranges: dict[str, int] | None = None
     num_experts: int = 4
     allowed_ranks: list[int] = field(default_factory=lambda: list(DEFAULT_ALLOWED_RANKS))
     rank_pattern: Literal["cycle", "spread", "equal"] = "cycle"
     expert_rank: int | None = None
     num_base_experts: int = 1
+    base_expert_fraction: float | None = None
     top_k: int | None = None
     alpha_over_r: float = 2.0
     alpha: float | None = None
@@ -95,6 +112,8 @@ class MoELoRAConfig(AdapterConfig):
         self.target_modules = list(self.target_modules)
         self.allowed_ranks = [int(r) for r in self.allowed_ranks]
         self.tau_range = (float(self.tau_range[0]), float(self.tau_range[1]))
+        if self.allocation is None:
+            self.allocation = "ranges" if self.layer_ranges else "depth_ranges"
         if not self.target_modules:
             raise ValueError("target_modules must name at least one linear layer")
         if self.allocation not in ALLOCATIONS:
@@ -107,6 +126,12 @@ class MoELoRAConfig(AdapterConfig):
             )
         if not self.gamma >= 1:
             raise ValueError(f"gamma must be >= 1 (eq 2), got {self.gamma}")
+        if self.allocation == "depth_ranges" and not self.depth_ranges:
+            raise ValueError(
+                "allocation='depth_ranges' needs depth_ranges, e.g. {'0-10/32': 2, '19/32-1': 8}"
+            )
+        if self.depth_ranges:
+            counts_from_depth_ranges(32, self.depth_ranges, fill=1)  # checks every spec
         if self.allocation == "ranges" and not self.layer_ranges:
             raise ValueError("allocation='ranges' needs layer_ranges, e.g. {'1-10': 2, '20-32': 8}")
         if self.num_experts < 1:
@@ -123,6 +148,11 @@ class MoELoRAConfig(AdapterConfig):
             )
         if self.num_base_experts < 0:
             raise ValueError(f"num_base_experts must be >= 0, got {self.num_base_experts}")
+        if self.base_expert_fraction is not None and not 0 < self.base_expert_fraction < 1:
+            raise ValueError(
+                f"base_expert_fraction must be None or lie in (0, 1), got "
+                f"{self.base_expert_fraction}"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be None (soft merging) or >= 1, got {self.top_k}")
         low, high = self.tau_range
@@ -147,16 +177,25 @@ class MoELoRAConfig(AdapterConfig):
             counts = bottom_heavy_counts(num_layers, self.n_min, self.n_max, self.gamma)
         elif self.allocation == "uniform":
             counts = uniform_counts(num_layers, self.num_experts)
+        elif self.allocation == "depth_ranges":
+            fill = expert_counts(num_layers, self.n_min, self.n_max, self.gamma)
+            counts = counts_from_depth_ranges(num_layers, self.depth_ranges or {}, fill=fill)
         else:
             fill = expert_counts(num_layers, self.n_min, self.n_max, self.gamma)
             counts = counts_from_ranges(num_layers, self.layer_ranges or {}, fill=fill)
         for layer, n in enumerate(counts, start=1):
-            if n <= self.num_base_experts:
+            if n <= self.base_experts_for(n):
                 raise ValueError(
                     f"layer {layer} gets {n} expert(s), which leaves no specialist beside "
-                    f"num_base_experts={self.num_base_experts}"
+                    f"num_base_experts={self.base_experts_for(n)}"
                 )
         return counts
+
+    def base_experts_for(self, num_experts: int) -> int:
+        """The size of the base group of a layer with ``num_experts`` experts."""
+        if self.base_expert_fraction is None:
+            return self.num_base_experts
+        return min(max(1, math.floor(self.base_expert_fraction * num_experts)), num_experts - 1)
 
     def layer_ranks(self, num_layers: int) -> list[list[int]]:
         """The ranks of every expert of every decoder layer."""
@@ -165,10 +204,13 @@ class MoELoRAConfig(AdapterConfig):
             for n in self.layer_expert_counts(num_layers)
         ]
 
-    def layer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`MoELoRALinear` shared by every adapted layer."""
+    def layer_kwargs(self, num_experts: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of :class:`MoELoRALinear` for a layer of ``num_experts`` experts
+        (needed when ``base_expert_fraction`` sizes the base group per layer)."""
+        if num_experts is None and self.base_expert_fraction is not None:
+            raise ValueError("layer_kwargs needs num_experts when base_expert_fraction is set")
         return {
-            "num_base_experts": self.num_base_experts,
+            "num_base_experts": self.base_experts_for(num_experts or 0),
             "top_k": self.top_k,
             "alpha_over_r": self.alpha_over_r,
             "alpha": self.alpha,

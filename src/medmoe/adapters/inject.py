@@ -93,11 +93,12 @@ def apply_moe_lora(
     if any(isinstance(m, MoELoRALinear) for m in model.modules()):
         raise ValueError("the model already carries MoE-LoRA layers; apply_moe_lora works once")
     ranks_per_layer = config.layer_ranks(len(decoder_layers(model)))
-    kwargs = config.layer_kwargs()
     adapted = inject_adapter_layers(
         model,
         config.target_modules,
-        lambda linear, index: layer_cls(linear, ranks_per_layer[index], **kwargs),
+        lambda linear, index: layer_cls(
+            linear, ranks_per_layer[index], **config.layer_kwargs(len(ranks_per_layer[index]))
+        ),
     )
     setattr(model, CONFIG_ATTRIBUTE, config)
     return adapted

@@ -110,6 +110,62 @@ class _Float32Linear(torch.autograd.Function):
         return grad_x, grad_weight
 
 
+# Width (in log-tau units) of the smooth bend at each bound of tau_range.
+TAU_BOUND_SOFTNESS = 0.1
+
+
+def soft_bounded_log_tau(raw: Tensor, tau_range: tuple[float, float]) -> Tensor:
+    """``lo + s softplus((raw - lo) / s) - s softplus((raw - hi) / s)``, ``lo, hi = log tau_range``.
+
+    A smooth, strictly increasing map of the real line onto ``(lo, hi)`` that is the identity
+    (to ``s * exp(-d / s)`` at distance ``d`` from the nearer bound) inside the range; its
+    derivative ``sigmoid((raw - lo) / s) - sigmoid((raw - hi) / s)`` is positive everywhere, so
+    an optimiser can bring tau back from a bound.
+    """
+    low, high = math.log(tau_range[0]), math.log(tau_range[1])
+    s = TAU_BOUND_SOFTNESS
+    from_low = low + s * F.softplus((raw - low) / s) - s * F.softplus((raw - high) / s)
+    # the same map written from the upper bound (softplus(z) = z + softplus(-z)), so neither
+    # half loses the bound to cancellation
+    from_high = high + s * F.softplus((low - raw) / s) - s * F.softplus((high - raw) / s)
+    return torch.where(raw < 0.5 * (low + high), from_low, from_high)
+
+
+def raw_log_tau_for(tau: float, tau_range: tuple[float, float]) -> float:
+    """The inverse of :func:`soft_bounded_log_tau`: the raw parameter that gives ``tau``.
+
+    ``tau`` at or beyond a bound (only reachable as a limit) maps to the raw value whose tau
+    lies 0.005% inside it (0.76 past the bound in raw units), close enough for
+    :func:`medmoe.callbacks.temperature.at_clamp_bound` to report it at the bound.
+    Computed in float64.
+    """
+    low, high = math.log(tau_range[0]), math.log(tau_range[1])
+    if high - low < 1e-9:
+        return low
+    s = TAU_BOUND_SOFTNESS
+    target = min(max(math.log(tau), low + 5e-5), high - 5e-5)
+    # y - lo = s log((1 + u) / (1 + k u)) with u = exp((raw - lo) / s), k = exp(-(hi - lo) / s)
+    # solved for u; in log space so large ranges do not overflow.
+    log_w = (target - low) / s
+    log_k = -(high - low) / s
+    log_u = log_w + math.log(-math.expm1(-log_w)) - math.log(-math.expm1(log_w + log_k))
+    return low + s * log_u
+
+
+def raw_log_tau_from_legacy(legacy: Tensor, tau_range: tuple[float, float]) -> Tensor:
+    """Raw parameters that give the tau a pre-soft-bound file meant: ``clamp(exp(legacy))``.
+
+    Adapter files and checkpoints written before the soft bound stored ``log tau`` under a hard
+    clamp; this converts them so they load to the same tau (one at a bound: 0.005% inside it).
+    """
+    low, high = tau_range
+    values = [
+        raw_log_tau_for(min(max(math.exp(float(v)), low), high), tau_range)
+        for v in legacy.detach().double().cpu().reshape(-1)
+    ]
+    return torch.tensor(values, dtype=legacy.dtype).reshape(legacy.shape).to(legacy.device)
+
+
 class MoELoRALinear(AdapterLayer):
     """``h = W0 x + sum_i g_i(x) * (alpha_i / r_i) * B_i A_i x`` with ``g = softmax(W_g x / tau)``.
 
@@ -131,7 +187,8 @@ class MoELoRALinear(AdapterLayer):
             expert gets 4x the scale of a rank-32 one (classic LoRA scaling).
         tau_init: the initial router temperature.
         learn_tau: learn ``log tau`` (one scalar per layer) or keep it fixed.
-        tau_range: ``tau`` is clamped into this closed interval.
+        tau_range: ``tau`` stays inside this interval through a differentiable soft bound
+            (:func:`soft_bounded_log_tau`), so a tau pushed to a bound can always come back.
         dropout: dropout on the input of the expert path (applied once, shared by all experts).
         adapter_dtype: ``"float32"`` keeps ``A`` and ``B`` in float32 on a half-precision base
             (see :func:`adapter_parameter_dtype`); ``"base"`` stores them in the base's dtype.
@@ -202,7 +259,10 @@ class MoELoRALinear(AdapterLayer):
         self.router = nn.Linear(
             self.in_features, self.num_experts, bias=False, device=base.weight.device
         )
-        log_tau = torch.tensor(math.log(tau_init), device=base.weight.device)
+        # tau in float64 for float64 layers, float32 otherwise (the router's precision)
+        tau_dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        raw = raw_log_tau_for(tau_init, self.tau_range)
+        log_tau = torch.tensor(raw, device=base.weight.device, dtype=tau_dtype)
         if learn_tau:
             self.log_tau = nn.Parameter(log_tau)
         else:
@@ -235,8 +295,15 @@ class MoELoRALinear(AdapterLayer):
     # ----------------------------------------------------------------- public accessors
     @property
     def tau(self) -> Tensor:
-        """The current router temperature, ``exp(log tau)`` clamped to ``tau_range``."""
-        return self.log_tau.float().exp().clamp(*self.tau_range)
+        """The router temperature ``exp(soft_bound(log_tau))``, strictly inside ``tau_range``.
+
+        ``log_tau`` is the unconstrained parameter; away from the bounds (more than 1 in log
+        units) ``tau == exp(log_tau)`` to 5e-6 relative, near them the soft bound bends smoothly, so its
+        gradient is never zero (a hard clamp's is, outside its range). Computed in float32, or
+        float64 for float64 layers.
+        """
+        log_tau = self.log_tau if self.log_tau.dtype == torch.float64 else self.log_tau.float()
+        return soft_bounded_log_tau(log_tau, self.tau_range).exp()
 
     def expert(self, i: int) -> tuple[Tensor, Tensor]:
         """Views ``(A_i, B_i)`` of expert ``i`` with shapes [r_i, d_in] and [d_out, r_i]."""

@@ -1,8 +1,15 @@
-"""Multi-LoRA baseline: one LoRA per task, each sample routed by its task id.
+"""Multi-LoRA baseline: one LoRA per domain task, each sample routed by its task id.
 
 ``h = W0 x + (alpha / r) B_t A_t x`` with ``t`` the task of the sample ``x`` belongs to, at
 training and at evaluation. The T adapters of a layer are stacked (``A``: [T, r, d_in], ``B``:
-[T, d_out, r]) and gathered per sample, so the forward has no loop over tasks.
+[T, d_out, r]) and gathered per sample, so the forward has no loop over tasks. Task id ``-1``
+means no adapter (the base model) for that sample.
+
+Only the domain tasks (task ids ``0..T-1``, the data's ``tasks``) have an adapter, as in the
+paper's "Multi-LoRA (3 tasks)". General replay samples (ids ``>= T``, ``is_general``) have no
+task of their own: ``replay_routing`` decides what they train (see :class:`MultiLoRA`). A
+general benchmark is scored as a deployed multi-LoRA would answer a general question: under
+each domain adapter in turn (:mod:`medmoe.callbacks.scoring` reports the mean and the worst).
 """
 
 from __future__ import annotations
@@ -123,11 +130,13 @@ class MultiLoRALinear(AdapterLayer):
             )
         hidden = self.dropout(x).reshape(batch, -1, self.in_features)  # [B, L, d_in]
         # factors in the activations' dtype (float32 factors on a bf16 base compute in bf16)
-        a = self.lora_A.index_select(0, task_ids).to(hidden.dtype)  # [B, r, d_in]
-        b = self.lora_B.index_select(0, task_ids).to(hidden.dtype)  # [B, d_out, r]
+        gather = task_ids.clamp_min(0)  # id -1 (no adapter) gathers adapter 0, masked below
+        a = self.lora_A.index_select(0, gather).to(hidden.dtype)  # [B, r, d_in]
+        b = self.lora_B.index_select(0, gather).to(hidden.dtype)  # [B, d_out, r]
         low = torch.bmm(hidden, a.transpose(1, 2))  # [B, L, r]
         delta = torch.bmm(low, b.transpose(1, 2))  # [B, L, d_out]
-        return out + (delta * self.scaling).reshape(out.shape).to(out.dtype)
+        scale = (task_ids >= 0).to(delta.dtype)[:, None, None] * self.scaling  # [B, 1, 1]
+        return out + (delta * scale).reshape(out.shape).to(out.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -182,13 +191,23 @@ class TaskRouting:
             self.set(None)
 
 
+REPLAY_ROUTINGS = ("spread", "base")
+
+
 @dataclass
 class MultiLoRA(AdapterSpec):
-    """One LoRA per task; the batch's task ids pick each sample's adapter (train and eval).
+    """One LoRA per domain task; the batch's task ids pick each sample's adapter (train, eval).
 
     Attributes:
-        num_tasks: number of task adapters; may be left out when ``task_names`` is given.
-        task_names: optional task names, in task-id order (``task_names[i]`` has id ``i``).
+        num_tasks: number of domain-task adapters (the data's domain tasks come first, ids
+            ``0..num_tasks-1``); may be left out when ``task_names`` is given.
+        task_names: optional domain task names, in task-id order (``task_names[i]`` has id
+            ``i``).
+        replay_routing: what a general replay sample (task id ``>= num_tasks``, flagged
+            ``is_general``) trains: ``"spread"`` (the default) deals the batch's replay samples
+            out to the domain adapters in turn, so every adapter sees general data as the other
+            methods' adapters do; ``"base"`` runs them through the base model alone (they train
+            nothing).
         r: rank of every task adapter.
         lora_alpha: every adapter's update is scaled by ``lora_alpha / r``.
         dropout: dropout on the LoRA path's input, in [0, 1).
@@ -206,9 +225,15 @@ class MultiLoRA(AdapterSpec):
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGETS))
     task_key: str = "task_id"
     adapter_dtype: Literal["float32", "base"] = "float32"
+    replay_routing: str = "spread"
 
     def __post_init__(self) -> None:
         self.target_modules = list(self.target_modules)
+        if self.replay_routing not in REPLAY_ROUTINGS:
+            raise ValueError(
+                f"unknown replay_routing {self.replay_routing!r}; accepted: "
+                f"{', '.join(REPLAY_ROUTINGS)}"
+            )
         if self.task_names is not None:
             self.task_names = [str(name) for name in self.task_names]
             if not self.task_names or len(set(self.task_names)) != len(self.task_names):
@@ -259,13 +284,46 @@ class MultiLoRA(AdapterSpec):
         return model
 
     def prepare_batch(self, model: nn.Module, batch: Mapping[str, Tensor]) -> None:
-        """Give every layer the batch's task ids (checked: present, 1-D integers, in range)."""
+        """Give every layer the batch's adapter ids (checked: present, 1-D integers, in range).
+
+        Domain samples get their task's adapter; general replay samples are routed by
+        ``replay_routing``.
+        """
         if self.task_key not in batch:
             raise KeyError(
                 f"the batch has no {self.task_key!r}: MultiLoRA picks each sample's adapter by "
                 f"its task id at training and evaluation (keys: {sorted(batch)})"
             )
-        self.set_task_ids(model, batch[self.task_key])
+        self.set_task_ids(model, self.adapter_ids(batch[self.task_key], batch.get("is_general")))
+
+    def adapter_ids(self, task_ids: Tensor, is_general: Tensor | None = None) -> Tensor:
+        """[B] task ids -> [B] adapter ids: domain ids unchanged, replay samples (ids beyond the
+        domain adapters) dealt to adapters ``0, 1, ..`` in turn (``"spread"``) or -1
+        (``"base"``: no adapter). A sample beyond the adapters that is not general is an error.
+        """
+        task_ids = torch.as_tensor(task_ids)
+        if task_ids.dim() != 1:
+            return task_ids
+        replay = task_ids >= self.num_tasks  # [B]
+        if not bool(replay.any()):
+            return task_ids
+        if is_general is None:
+            raise ValueError(
+                f"task ids {sorted(set(task_ids[replay].tolist()))} lie beyond the adapters "
+                f"0..{self.num_tasks - 1} and the batch has no 'is_general' flags to mark them "
+                "as general replay"
+            )
+        if bool((replay & ~is_general.to(replay.device).bool()).any()):
+            raise ValueError(
+                f"domain samples with task ids {sorted(set(task_ids[replay].tolist()))} but "
+                f"MultiLoRA has adapters for task ids 0..{self.num_tasks - 1} only: set num_tasks "
+                "to the number of domain tasks (the data's tasks, not its replay)"
+            )
+        if self.replay_routing == "base":
+            dealt = torch.full_like(task_ids, -1)
+        else:  # the k-th replay sample of the batch -> adapter k mod num_tasks
+            dealt = (replay.long().cumsum(0) - 1) % self.num_tasks
+        return torch.where(replay, dealt, task_ids)
 
     def set_task_ids(
         self, model: nn.Module, task_ids: Tensor | int | None, *, pinned: bool = False
@@ -273,7 +331,8 @@ class MultiLoRA(AdapterSpec):
         """Set (or, with ``None``, clear) the task ids every multi-LoRA layer uses.
 
         ``task_ids``: [B] integers, or one int / 0-dim tensor for every sample of the batch.
-        Checked: integers in ``0..num_tasks-1`` (one host synchronisation per batch).
+        Checked: integers in ``0..num_tasks-1``, or -1 for no adapter (one host
+        synchronisation per batch).
         """
         routing: TaskRouting | None = getattr(model, ROUTING_ATTRIBUTE, None)
         if routing is None:
@@ -286,9 +345,10 @@ class MultiLoRA(AdapterSpec):
                     f"{task_ids.dtype} and shape {tuple(task_ids.shape)}"
                 )
             task_ids = task_ids.to(device=routing.layers[0].lora_A.device, dtype=torch.long)
-            if bool(((task_ids < 0) | (task_ids >= self.num_tasks)).any()):
+            if bool(((task_ids < -1) | (task_ids >= self.num_tasks)).any()):
                 raise ValueError(
-                    f"task ids must lie in 0..{self.num_tasks - 1}, got {task_ids.tolist()}"
+                    f"task ids must lie in 0..{self.num_tasks - 1} (or -1: no adapter), got "
+                    f"{task_ids.tolist()}; MultiLoRA has one adapter per domain task"
                 )
         routing.set(task_ids, pinned=pinned)
 

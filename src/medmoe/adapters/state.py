@@ -19,11 +19,15 @@ from torch import Tensor, nn
 from medmoe.adapters.config import MoELoRAConfig
 from medmoe.adapters.inject import CONFIG_ATTRIBUTE, apply_moe_lora, moe_lora_layers
 from medmoe.adapters.layer import adapter_layers
-from medmoe.adapters.moe_lora import MoELoRALinear
+from medmoe.adapters.moe_lora import MoELoRALinear, raw_log_tau_from_legacy
 
 # The file names of every adapter medmoe writes (peft's names, so peft LoRA matches them).
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# How ``log_tau`` maps to tau. Files without this key predate the soft bound: their log_tau
+# was clamped hard, and loading converts it (raw_log_tau_from_legacy).
+TAU_PARAMETRISATION_KEY = "tau_parametrisation"
+TAU_PARAMETRISATION = "soft_bound"
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -46,7 +50,11 @@ def save_adapter(
     if config is None:
         raise ValueError("the model carries no MoE-LoRA config: call apply_moe_lora first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    description = {"medmoe_config": config.to_dict(), "metadata": metadata or {}}
+    description = {
+        "medmoe_config": config.to_dict(),
+        "metadata": metadata or {},
+        TAU_PARAMETRISATION_KEY: TAU_PARAMETRISATION,
+    }
     return write_adapter_files(directory, tensors, description)
 
 
@@ -101,10 +109,34 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRA
     if not weights_path.is_file():
         raise FileNotFoundError(f"no adapter weights at {weights_path}")
     saved = read_safetensors(weights_path)  # before touching the model: a bad file changes nothing
+    config_path = directory / ADAPTER_CONFIG
+    description = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    parametrisation = description.get(TAU_PARAMETRISATION_KEY, "legacy_clamp")
+    if parametrisation not in ("legacy_clamp", TAU_PARAMETRISATION):
+        raise ValueError(
+            f"{config_path}: {TAU_PARAMETRISATION_KEY}={parametrisation!r} is not one this "
+            f"medmoe reads (accepted: {TAU_PARAMETRISATION!r}, or the key absent for files "
+            "written before the soft tau bound)"
+        )
     if not any(isinstance(m, MoELoRALinear) for m in model.modules()):
         apply_moe_lora(model, read_adapter_config(directory))
+    if parametrisation == "legacy_clamp":
+        saved = convert_legacy_log_tau(saved, model)
     copy_matching_tensors(adapter_state_dict(model), saved, weights_path)
     return [layer for _, layer in moe_lora_layers(model)]
+
+
+def convert_legacy_log_tau(
+    tensors: dict[str, Tensor], model: nn.Module, prefix: str = ""
+) -> dict[str, Tensor]:
+    """``tensors`` with every ``<layer>.log_tau`` of a hard-clamp-era file converted to the soft
+    bound's raw parameter (same tau); ``prefix`` is prepended to the model's layer names."""
+    converted = dict(tensors)
+    for name, layer in moe_lora_layers(model):
+        key = f"{prefix}{name}.log_tau"
+        if key in converted:
+            converted[key] = raw_log_tau_from_legacy(converted[key], layer.tau_range)
+    return converted
 
 
 def copy_matching_tensors(

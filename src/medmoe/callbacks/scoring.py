@@ -60,6 +60,22 @@ def _task_routing(
     return context(pl_module.model, names.index(task))
 
 
+def _answering_adapters(
+    trainer: Trainer, pl_module: LightningModule, task: str
+) -> list[tuple[str, int]] | None:
+    """For a per-task-adapter method and a task without an adapter of its own (a general
+    benchmark under multi-LoRA), the ``(name, id)`` of every domain adapter that could be
+    deployed to answer it; ``None`` when the task has its own adapter or the method has none."""
+    adapter = pl_module.adapter
+    num_adapters = getattr(adapter, "num_tasks", None)
+    if getattr(adapter, "task_context", None) is None or num_adapters is None:
+        return None
+    names = list(getattr(pl_module, "task_names", None) or trainer.datamodule.task_names)
+    if task in names and names.index(task) < num_adapters:
+        return None
+    return [(names[i] if i < len(names) else str(i), i) for i in range(num_adapters)]
+
+
 @dataclass
 class TaskScorer:
     """Scores tasks of the trainer's datamodule on their fixed evaluation subsets.
@@ -138,9 +154,43 @@ class TaskScorer:
     ) -> dict[str, float]:
         """``{metric: value}`` of ``task``; with ``base``, the model with its adapter off.
 
+        A task with no adapter of its own under a per-task-adapter method (a general benchmark
+        under multi-LoRA, which has one adapter per domain task) is scored under each domain
+        adapter: ``<metric>`` is their mean, ``<metric>_worst`` the lowest and
+        ``<metric>_under_<adapter task>`` each one.
+
         Raises NotImplementedError when ``base`` is asked of a method that cannot switch its
         adapter off (full fine-tuning).
         """
+        adapters = _answering_adapters(trainer, pl_module, task)
+        if adapters is not None and base:  # the adapters are off: no task routing needed
+            return self._score_with(trainer, pl_module, task, nullcontext(), True)
+        if adapters is not None:
+            context = pl_module.adapter.task_context
+            runs = {}
+            for name, index in adapters:
+                with context(pl_module.model, index):
+                    runs[name] = self._score_with(trainer, pl_module, task, nullcontext(), False)
+            merged: dict[str, float] = {}
+            for metric_name in next(iter(runs.values())):
+                values = [scores[metric_name] for scores in runs.values()]
+                merged[metric_name] = sum(values) / len(values)
+                merged[f"{metric_name}_worst"] = min(values)
+                for name, scores in runs.items():
+                    merged[f"{metric_name}_under_{name}"] = scores[metric_name]
+            return merged
+        return self._score_with(
+            trainer, pl_module, task, _task_routing(trainer, pl_module, task), base
+        )
+
+    def _score_with(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        task: str,
+        routing: AbstractContextManager[object],
+        base: bool,
+    ) -> dict[str, float]:
         metric = task_metric(task)
         examples = self._fetch(trainer, task)
         model = pl_module.model
@@ -154,7 +204,7 @@ class TaskScorer:
         # method has one per task, and the training step's recorded routing left in place.
         with (
             trainer.precision_plugin.forward_context(),
-            _task_routing(trainer, pl_module, task),
+            routing,
             _routing_recording_paused(model),
         ):
             if base:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from medmoe.adapters.moe_lora import MoELoRALinear
 
-BALANCE_FORMS = ("variance", "cv2", "switch")
+BALANCE_FORMS = ("variance", "normalized", "cv2", "switch")
 
 
 def recorded_router_probs(layers: Sequence[MoELoRALinear]) -> list[Tensor]:
@@ -78,14 +78,23 @@ def layer_balance_loss(
 
     - ``"variance"`` (eq 5, the paper): population variance across experts of the mean gate
       probability ``P_i`` over the batch's tokens.
+    - ``"normalized"``: the variance divided by its value for a collapsed router (all gate on
+      one expert), ``(N - 1) / N^2``: 0 when balanced and 1 at full collapse for every N, so
+      one lambda means the same at N = 2 and N = 8 (the raw variance of a collapsed router is
+      0.25 at N = 2 but 0.109 at N = 8). Equals ``cv2 / (N - 1)``; 0 for N = 1.
     - ``"cv2"``: squared coefficient of variation of ``P`` (variance / mean^2 = N^2 variance),
-      which does not shrink with N.
+      which does not shrink with N (a collapsed router scores N - 1).
     - ``"switch"``: Switch Transformer's ``N * sum_i f_i P_i`` with ``f_i`` the fraction of
       tokens whose largest gate is expert i; 1 when perfectly balanced.
     """
     load = expert_load(probs, token_mask)  # [N]
     if form == "variance":
         return load.var(unbiased=False)
+    if form == "normalized":
+        n = load.shape[-1]
+        if n < 2:
+            return load.sum() * 0.0
+        return load.var(unbiased=False) * (n * n / (n - 1))
     if form == "cv2":
         return load.var(unbiased=False) / load.mean().square()
     if form == "switch":
@@ -99,7 +108,7 @@ def layer_balance_loss(
 def load_balance_loss(
     probs: Sequence[Tensor],
     token_mask: Tensor | None = None,
-    form: Literal["variance", "cv2", "switch"] = "variance",
+    form: Literal["variance", "normalized", "cv2", "switch"] = "variance",
 ) -> Tensor:
     """L_aux of eq 5: :func:`layer_balance_loss` per layer (its own N), averaged over layers."""
     if not probs:

@@ -171,6 +171,13 @@ class OrthoLoRA:
         self.task_gradients = TaskGradientCapture(model, num_tasks, adapter_name=adapter_name)
         self._generator = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The shuffle generator's state, so a resumed run projects in the same task orders."""
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._generator.set_state(state["generator"])
+
     def capture(self, task_ids: Tensor) -> AbstractContextManager[TaskGradientCapture]:
         """Context manager: capture per-task gradients of the forwards run inside it."""
         return self.task_gradients.capture(task_ids)
