@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from medmoe.adapters import MoELoRA
 from medmoe.adapters.moe_lora import MoELoRALinear, raw_log_tau_for
 from medmoe.optimization import parameter_groups, warmup_cosine_schedule
 
@@ -26,7 +27,11 @@ def steps_to_target(router_lr: float, start: float, target: float) -> int | None
     layer = MoELoRALinear(nn.Linear(8, 8), (2, 2), tau_init=1.0, tau_range=(0.1, 10.0))
     with torch.no_grad():
         layer.log_tau.fill_(raw_log_tau_for(start, layer.tau_range))
-    optimizer = torch.optim.AdamW(parameter_groups(layer, LR, 0.0, router_lr))
+    optimizer = torch.optim.AdamW(
+        parameter_groups(
+            MoELoRA(), nn.Sequential(layer), 0.0, learning_rate=LR, router_learning_rate=router_lr
+        )
+    )
     schedule = warmup_cosine_schedule(optimizer, WARMUP, TOTAL)
     for step in range(1, TOTAL + 1):
         loss = (layer.tau.log() - math.log(target)) ** 2

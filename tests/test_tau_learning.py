@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medmoe.adapters import MoELoRAConfig, apply_moe_lora, load_adapter, save_adapter
+from medmoe.adapters import MoELoRA, MoELoRAConfig, apply_moe_lora, load_adapter, save_adapter
 from medmoe.adapters.inject import moe_lora_layers
 from medmoe.adapters.moe_lora import (
     MoELoRALinear,
@@ -27,7 +27,15 @@ TOTAL, WARMUP, ADAPTER_LR, ROUTER_LR = 3000, 90, 5e-5, 2e-3
 
 def _train_tau(layer, targets_by_step, router_lr=ROUTER_LR, steps=TOTAL):
     """AdamW on ``(log tau - log target)^2``; returns tau after every step."""
-    optimizer = torch.optim.AdamW(parameter_groups(layer, ADAPTER_LR, 0.0, router_lr))
+    optimizer = torch.optim.AdamW(
+        parameter_groups(
+            MoELoRA(),
+            nn.Sequential(layer),
+            0.0,
+            learning_rate=ADAPTER_LR,
+            router_learning_rate=router_lr,
+        )
+    )
     schedule = warmup_cosine_schedule(optimizer, WARMUP, TOTAL)
     taus = []
     for step in range(steps):
@@ -107,7 +115,12 @@ def test_tau_starts_at_tau_init_and_is_float64_for_float64_layers():
 
 def test_routers_and_temperatures_get_their_own_group_without_weight_decay(tiny_llama):
     apply_moe_lora(tiny_llama, MoELoRAConfig(layer_ranges={"1-4": 2}, allowed_ranks=[2]))
-    groups = {g["name"]: g for g in parameter_groups(tiny_llama, 5e-5, 0.1, 2e-3)}
+    groups = {
+        g["name"]: g
+        for g in parameter_groups(
+            MoELoRA(), tiny_llama, 0.1, learning_rate=5e-5, router_learning_rate=2e-3
+        )
+    }
     assert groups["routing"]["lr"] == 2e-3 and groups["routing"]["weight_decay"] == 0.0
     assert groups["decay"]["lr"] == 5e-5 and groups["decay"]["weight_decay"] == 0.1
     routing = {id(p) for p in groups["routing"]["params"]}

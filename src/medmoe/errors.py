@@ -182,8 +182,8 @@ def describe_parser_error(text: str) -> str:
     message (``model.adapter.allocation: Expected a typing.Literal[...]. Got value: eq3``)."""
     lines = [line for line in text.splitlines() if line.strip()]
     stack: list[tuple[int, str]] = []
-    best: tuple[tuple[bool, int], str, list[str]] | None = None
-    for line in lines:
+    best: tuple[tuple[bool, int], str, list[str], int] | None = None
+    for index, line in enumerate(lines):
         indent = len(line) - len(line.lstrip())
         body = line.strip()
         while stack and stack[-1][0] >= indent:
@@ -198,9 +198,14 @@ def describe_parser_error(text: str) -> str:
         # rank: depth first; a real reason beats "not a subclass of another union member"
         rank = (not _OTHER_UNION_MEMBER.match(message), indent)
         if best is None or rank > best[0]:
-            best = (rank, message, [k for _, k in stack])
+            best = (rank, message, [k for _, k in stack], index)
     if best is None:
         return " ".join(text.split())[:300]
-    _, message, keys = best
+    _, message, keys, index = best
+    # an Optional's failure lists the value once below its members: name it in the message
+    given = next((line.strip() for line in lines[index:] if "Given value: " in line), None)
+    value = given.partition("Given value: ")[2] if given else ""
+    if value and value not in message and not re.match(r"(Namespace|NestedArg)\(", value):
+        message = f"{message}. Got value: {value}"
     path = ".".join(keys)
     return f"config key {path}: {message}" if path else message

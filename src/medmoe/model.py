@@ -352,9 +352,9 @@ class MedMoEModule(LightningModule):
         groups = parameter_groups(
             self.adapter,
             self.model,
-            self.hparams.learning_rate,
             self.hparams.weight_decay,
-            self.hparams.get("router_learning_rate", 2e-3),
+            learning_rate=self.hparams.learning_rate,
+            router_learning_rate=self.hparams.get("router_learning_rate", 2e-3),
         )
         optimizer = optimizer_class(self._trainer.strategy if self._trainer else None)(
             groups,

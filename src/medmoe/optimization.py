@@ -19,9 +19,10 @@ from medmoe.adapters.spec import AdapterSpec
 def parameter_groups(
     adapter: AdapterSpec,
     model: nn.Module,
-    learning_rate: float,
     weight_decay: float,
-    router_learning_rate: float,
+    *,
+    learning_rate: float | None = None,
+    router_learning_rate: float | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups of the adapted ``model``: ``decay`` (matrices), ``no_decay`` (biases, norms,
     other vectors) and ``routing`` (what the adapter declares exempt from weight decay: the
@@ -31,7 +32,8 @@ def parameter_groups(
     move ``log tau`` by at most ~lr per Adam step, i.e. < 0.08 over 3000 cosine steps: it could
     not learn. Only the adapter's tensors train; a trainable parameter the adapter does not
     declare is an error (it would train but never be saved). Empty groups are left out;
-    parameters keep the model's order.
+    parameters keep the model's order. A learning rate left ``None`` is the optimizer's
+    ``lr`` (``router_learning_rate`` then follows ``learning_rate``).
     """
     declared = {id(t) for t in adapter.adapter_tensors(model).values()}
     routing_names = adapter.no_decay_names(model)
@@ -50,11 +52,15 @@ def parameter_groups(
             no_decay.append(param)
         else:
             decay.append(param)
+    router_learning_rate = learning_rate if router_learning_rate is None else router_learning_rate
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr": learning_rate},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr": learning_rate},
         {"name": "routing", "params": routed, "weight_decay": 0.0, "lr": router_learning_rate},
     ]
+    for group in groups:
+        if group["lr"] is None:
+            del group["lr"]
     return [group for group in groups if group["params"]]
 
 
