@@ -23,6 +23,17 @@ TINY_LLAMA = dict(
 )
 
 
+# ``MedMoEModule(tiny_llama=...)`` keyword arguments: the vocabulary comes from the data
+MODULE_TINY_LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
     values = {**TINY_LLAMA, **overrides}
     return LlamaConfig(**values)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from conftest import MODULE_TINY_LLAMA
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from medmoe.adapters import MoELoRAConfig
@@ -18,14 +19,7 @@ from medmoe.data.stream import TrainStream
 from medmoe.losses import IGNORE_INDEX, target_token_losses
 from medmoe.model import MedMoEModule
 
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+TINY = MODULE_TINY_LLAMA
 
 
 def _data(batch_size: int = 2) -> MultiTaskDataModule:

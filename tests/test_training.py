@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import MODULE_TINY_LLAMA
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -13,14 +14,7 @@ from medmoe.adapters import MoELoRAConfig
 from medmoe.data import MultiTaskDataModule, TaskConfig
 from medmoe.model import MedMoEModule
 
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+TINY = MODULE_TINY_LLAMA
 
 
 def _data(**overrides) -> MultiTaskDataModule:
