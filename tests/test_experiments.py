@@ -226,7 +226,7 @@ def test_quick_grid_runs_scores_and_resumes(tmp_path: Path, capsys: pytest.Captu
     args = [str(FULL_GRID), "--quick", "--in-process", "--threads", "1", "--out", str(out)]
     assert main([*args, "--set", TINY]) == 0
     printed = capsys.readouterr().out
-    assert "[3/3]" in printed and "FAILED" not in printed
+    assert "[3/3, " in printed and "FAILED" not in printed
     for run in ("base", "lora/seed_0", "med_moe_lora/seed_0"):
         results = json.loads((out / run / "results.json").read_text())
         assert set(results["scores"]) == {"pubmedqa", "medqa", "clinical_sum", "mmlu", "gsm8k"}

@@ -191,6 +191,37 @@ def _describe(outcome: RunOutcome) -> str:
     )
 
 
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class _Progress:
+    """``[done/total, elapsed, ~remaining]``: remaining = the mean wall time of the runs that
+    actually ran (not skipped ones) x the runs left / the runs going at once."""
+
+    def __init__(self, total: int, jobs: int) -> None:
+        self.total, self.jobs, self.done = total, jobs, 0
+        self.began = time.perf_counter()
+        self.run_seconds: list[float] = []
+
+    def step(self, result: RunOutcome) -> str:
+        self.done += 1
+        if result.status != "skipped":
+            self.run_seconds.append(result.seconds)
+        elapsed = time.perf_counter() - self.began
+        left = self.total - self.done
+        if not left:
+            eta = "done"
+        elif self.run_seconds:
+            mean = sum(self.run_seconds) / len(self.run_seconds)
+            eta = f"~{_clock(mean * left / min(self.jobs, left))} left"
+        else:
+            eta = "remaining unknown"
+        return f"[{self.done}/{self.total}, {_clock(elapsed)} elapsed, {eta}]"
+
+
 def run_grid(
     grid: Grid,
     out_dir: str | os.PathLike,
@@ -213,12 +244,11 @@ def run_grid(
         raise ValueError("in-process runs go one at a time: use jobs=1 or subprocesses")
     specs = plan_runs(grid, out_dir, extra, threads)
     outcome = GridOutcome(Path(out_dir).resolve())
-    total = len(specs)
-    counter = iter(range(1, total + 1))
+    progress = _Progress(len(specs), jobs)
 
     def record(result: RunOutcome) -> RunOutcome:
         outcome.runs.append(result)
-        log(f"[{next(counter)}/{total}] {_describe(result)}")
+        log(f"{progress.step(result)} {_describe(result)}")
         return result
 
     first = record(run_spec(specs[0], in_process, rerun))
