@@ -94,3 +94,40 @@ def test_progress_counts_elapsed_and_remaining() -> None:
     progress.step(RunOutcome(spec, "done", seconds=60.0))
     progress.step(RunOutcome(spec, "done", seconds=60.0))
     assert progress.step(RunOutcome(spec, "failed", seconds=1.0)).endswith("done]")
+
+
+TINY = (
+    "model.init_args.tiny_llama={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,"
+    " num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}"
+)
+
+
+@pytest.mark.slow
+def test_pooled_workers_run_log_and_report_failures(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Two long-lived workers: each run's output lands in its run.log, a failing run is
+    reported with its error while the others finish."""
+    from medmoe.experiments import main
+
+    path = write_grid(
+        tmp_path,
+        seeds=[0, 1],
+        overrides={"trainer.max_steps": 2, "trainer.limit_val_batches": 0},
+        eval={"limit": 2, "batch_size": 4, "max_new_tokens": 4},
+        methods=[
+            {"name": "lora", "configs": [str(ROOT / "configs/baselines/lora.yaml")]},
+            {"name": "broken", "overrides": {"model.init_args.learning_rate": "fast"}},
+        ],
+    )
+    out = tmp_path / "out"
+    code = main([str(path), "--jobs", "2", "--threads", "1", "--out", str(out), "--set", TINY])
+    printed = capsys.readouterr().out
+    assert code == 1  # the broken runs failed
+    assert "[5/5, " in printed and printed.count("FAILED") == 2
+    for seed in (0, 1):
+        assert (out / "lora" / f"seed_{seed}" / "results.json").is_file()
+        log = (out / "lora" / f"seed_{seed}" / "run.log").read_text()
+        assert "max_steps=2" in log  # Lightning's own stop message, captured per run
+        broken = (out / "broken" / f"seed_{seed}" / "run.log").read_text()
+        assert "fast" in broken and not (out / "broken" / f"seed_{seed}" / "results.json").exists()

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "isolation; jobs must be 1)",
     )
     parser.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="one new interpreter per run (full isolation, ~12 s of imports each); default: "
+        "each of the --jobs worker processes runs its runs one after another",
+    )
+    parser.add_argument(
         "--rerun", action="store_true", help="delete the selected runs' folders and run them again"
     )
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
@@ -142,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs=args.jobs,
             threads=threads,
             in_process=args.in_process,
+            fresh_processes=args.fresh_processes,
             rerun=args.rerun,
             fail_fast=args.fail_fast,
             log=lambda line: print(line, flush=True),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import multiprocessing as mp
 import os
 import shlex
 import shutil
@@ -10,8 +13,14 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import (
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +155,51 @@ def _subprocess(spec: RunSpec) -> None:
         raise RuntimeError(f"worker exited with code {code}; see {log}\n{tail}")
 
 
-def run_spec(spec: RunSpec, in_process: bool = False, rerun: bool = False) -> RunOutcome:
-    """Run one spec unless its ``results.json`` exists (then it is skipped); never raises."""
+@contextlib.contextmanager
+def _output_to(log: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so logging handlers
+    and C code too) to ``log`` for the duration of a pooled run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "w") as stream:
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def _pooled(spec: RunSpec) -> None:
+    with _output_to(Path(spec.run_dir) / RUN_LOG):
+        try:
+            execute(spec)
+        except BaseException:
+            traceback.print_exc()  # into run.log, as a fresh process would
+            raise
+
+
+def _pool_worker(spec: RunSpec, rerun: bool) -> RunOutcome:
+    """One run inside a long-lived worker process of the pool."""
+    return run_spec(spec, rerun=rerun, mode="pooled")
+
+
+def run_spec(
+    spec: RunSpec, in_process: bool = False, rerun: bool = False, mode: str | None = None
+) -> RunOutcome:
+    """Run one spec unless its ``results.json`` exists (then it is skipped); never raises.
+
+    ``mode``: ``"process"`` (a fresh interpreter, output in ``run.log``), ``"in-process"``
+    (this process, output on the console) or ``"pooled"`` (this process, output in
+    ``run.log``: a worker of :func:`run_grid`'s pool); default from ``in_process``.
+    """
+    mode = mode or ("in-process" if in_process else "process")
     run_dir = Path(spec.run_dir)
     if rerun and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -160,8 +212,10 @@ def run_spec(spec: RunSpec, in_process: bool = False, rerun: bool = False) -> Ru
     (run_dir / COMMAND_FILE).write_text(f"#!/bin/sh\n{run_command(spec)}\n")
     began = time.perf_counter()
     try:
-        if in_process:
+        if mode == "in-process":
             execute(spec)
+        elif mode == "pooled":
+            _pooled(spec)
         else:
             _subprocess(spec)
         results = read_results(run_dir)
@@ -230,13 +284,17 @@ def run_grid(
     jobs: int = 1,
     threads: int | None = None,
     in_process: bool = False,
+    fresh_processes: bool = False,
     rerun: bool = False,
     fail_fast: bool = False,
     log: Callable[[str], None] = print,
 ) -> GridOutcome:
     """Run every planned spec (the base model first), skipping those with results.
 
-    ``jobs`` > 1 runs that many worker processes at once (subprocess mode only).
+    By default ``jobs`` long-lived worker processes run the specs one after another each
+    (the interpreter and its imports start once per worker, not once per run); with
+    ``fresh_processes`` every run gets a new interpreter; with ``in_process`` (``jobs`` = 1)
+    runs go in this process.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -251,22 +309,35 @@ def run_grid(
         log(f"{progress.step(result)} {_describe(result)}")
         return result
 
-    first = record(run_spec(specs[0], in_process, rerun))
-    if first.status == "failed" and fail_fast:
-        return outcome
-    rest = specs[1:]
-    if jobs == 1:
-        for spec in rest:
-            result = record(run_spec(spec, in_process, rerun))
+    if in_process:
+        for spec in specs:
+            result = record(run_spec(spec, rerun=rerun, mode="in-process"))
             if result.status == "failed" and fail_fast:
                 break
         return outcome
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_spec, spec, False, rerun) for spec in rest]
-        for future in futures:
-            result = record(future.result())
+    if fresh_processes:
+        pool: Executor = ThreadPoolExecutor(max_workers=jobs)
+        submit = functools.partial(run_spec, rerun=rerun, mode="process")
+    else:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+        submit = functools.partial(_pool_worker, rerun=rerun)
+    with pool:
+        first = record(_result(pool.submit(submit, specs[0]), specs[0]))
+        if first.status == "failed" and fail_fast:
+            return outcome
+        futures = {pool.submit(submit, spec): spec for spec in specs[1:]}
+        for future in as_completed(futures):
+            result = record(_result(future, futures[future]))
             if result.status == "failed" and fail_fast:
                 for pending in futures:
                     pending.cancel()
                 break
     return outcome
+
+
+def _result(future: Future, spec: RunSpec) -> RunOutcome:
+    """The future's outcome; a worker process that died is a failed run, not a crash."""
+    try:
+        return future.result()
+    except Exception as error:  # BrokenProcessPool: the worker died (killed, out of memory)
+        return RunOutcome(spec, "failed", error=f"{type(error).__name__}: {error}")
