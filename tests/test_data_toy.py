@@ -13,8 +13,11 @@ from medmoe.data.toy_clinic import (
     ATTRIBUTES,
     DISEASES,
     FACTS,
+    PRESENTED_SYMPTOMS,
     TOY_TASKS,
     check_world,
+    medqa_bayes_accuracy,
+    specialty,
     toy_records,
 )
 
@@ -89,7 +92,42 @@ def test_answers_follow_the_world():
     for record in toy_records("clinical_sum", "test", 30):
         disease = next(d for d, (_, drug) in DISEASES.items() if f" {drug} " in record["text"])
         assert f" with {disease} on " in record["summary"]
-    for record in toy_records("pubmedqa", "test", 30):
+    for record in toy_records("pubmedqa", "test"):
+        assert record["final_decision"] == _pubmedqa_decision(record)
+    for record in toy_records("medqa", "test"):
+        options = tuple(record["options"].values())
+        assert options == specialty(record["answer"])  # the answer's differential group
+        shown = set(record["metamap_phrases"][1:])
+        assert len(shown) == PRESENTED_SYMPTOMS and shown <= set(DISEASES[record["answer"]][0])
+
+
+def _pubmedqa_decision(record) -> str:
+    """The stated rule, read back from the text: a definite outcome for the asked symptom in a
+    trial of 30 or more patients decides; anything else is maybe."""
+    words = record["context"]["contexts"][1].split()
+    n = int(words[words.index("of") + 1])
+    asked = record["question"].split()[3]  # "Does <drug> reduce <symptom> in <disease> ?"
+    hedged = "may" in words
+    measured = words[-2]
+    if hedged or n < 30 or measured != asked:
+        return "maybe"
+    return "no" if "not" in words else "yes"
+
+
+def test_pubmedqa_decisions_are_balanced_and_need_the_whole_context():
+    records = toy_records("pubmedqa", "train")
+    decisions = Counter(r["final_decision"] for r in records)
+    assert all(0.28 < decisions[d] / len(records) < 0.39 for d in ("yes", "no", "maybe"))
+
+    # reading the outcome words alone (the old lookup) is right far less often than the rule
+    def lookup(record) -> str:
         result = record["context"]["contexts"][1]
-        decision = "no" if " did not " in result else "maybe" if " may " in result else "yes"
-        assert record["final_decision"] == decision
+        return "no" if " did not " in result else "maybe" if " may " in result else "yes"
+
+    shortcut = sum(lookup(r) == r["final_decision"] for r in records) / len(records)
+    assert shortcut < 0.8  # 2 of 3 reasons for maybe are missed: ~77%
+
+
+def test_medqa_bayes_ceiling_is_below_one():
+    # two of four symptoms: {cough, dyspnea} fits pneumonia and asthma, both in one group
+    assert 0.95 < medqa_bayes_accuracy() < 1.0

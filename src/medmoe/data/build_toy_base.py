@@ -3,8 +3,12 @@
     python -m medmoe.data.build_toy_base --out src/medmoe/data/toy_base [--steps N] [--seed S]
 
 It trains a ``LlamaForCausalLM`` (hidden 128, 4 layers) with the toy tokenizer on the general
-toy tasks only (the MMLU-format fact quiz and GSM8K-format addition), with a next-token loss
-on the target tokens and a plain AdamW loop, deterministic given the seed. The output is a
+toy tasks (the MMLU-format fact quiz and GSM8K-format addition) and a reading exercise that
+copies random word sequences over the whole vocabulary (``Repeat : w1 .. wk`` -> ``w1 .. wk``),
+with a next-token loss on the target tokens and a plain AdamW loop, deterministic given the
+seed. The exercise gives every word, medical ones included, a trained embedding, as a real
+base model has read its domain's words, without teaching any medical task: no symptom,
+disease or drug is ever tied to another. The output is a
 Hugging Face directory (config, safetensors weights, tokenizer) plus ``toy_base.json`` with
 the accuracies measured on the held-out toy test split.
 """
@@ -24,9 +28,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from medmoe.data.collate import IGNORE_INDEX, Sample, collate, encode_pairs
 from medmoe.data.tasks import get_task
 from medmoe.data.tokenizers import toy_tokenizer
-from medmoe.data.toy_clinic import toy_records
+from medmoe.data.toy_clinic import COPY_WORD, toy_records, toy_vocabulary
 
 GENERAL_TASKS: tuple[str, ...] = ("mmlu", "gsm8k")
+COPY_LENGTHS = (3, 8)  # words per reading exercise, inclusive
 METRICS_FILE = "toy_base.json"
 
 
@@ -83,6 +88,16 @@ def score_general(
     return scores
 
 
+def _copy_sample(
+    rng: random.Random, tokenizer: PreTrainedTokenizerBase, words: list[str]
+) -> Sample:
+    """One reading exercise: ``Repeat :`` and k random ``words``, then those words."""
+    chosen = rng.choices(words, k=rng.randint(*COPY_LENGTHS))
+    pair = (f"{COPY_WORD} : {' '.join(chosen)}", " " + " ".join(chosen))
+    ids, labels = encode_pairs(tokenizer, [pair], 64, "copy")[0]
+    return Sample(ids, labels)
+
+
 def _lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -92,11 +107,12 @@ def _lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
 
 def build(
     out: Path,
-    steps: int = 2000,
+    steps: int = 2500,
     seed: int = 0,
     batch_size: int = 64,
     lr: float = 3e-3,
-    quiz_fraction: float = 0.5,
+    quiz_fraction: float = 0.4,
+    copy_fraction: float = 0.2,
     log_every: int = 100,
 ) -> dict[str, float]:
     """Train the toy base and save it to ``out``; returns the measured figures."""
@@ -106,6 +122,7 @@ def build(
     tokenizer = toy_tokenizer()
     quiz = _samples("mmlu", "train", None, tokenizer)
     math_ = _samples("gsm8k", "train", None, tokenizer)
+    words = [w for w in toy_vocabulary() if w not in (COPY_WORD, ":")]
     model = LlamaForCausalLM(toy_llama_config(len(tokenizer), tokenizer))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -116,9 +133,13 @@ def build(
     )
     for step in range(steps):
         model.train()
-        picks = [
-            rng.choice(quiz if rng.random() < quiz_fraction else math_) for _ in range(batch_size)
-        ]
+        picks = []
+        for _ in range(batch_size):
+            draw = rng.random()
+            if draw < copy_fraction:
+                picks.append(_copy_sample(rng, tokenizer, words))
+            else:
+                picks.append(rng.choice(quiz if draw < copy_fraction + quiz_fraction else math_))
         batch = collate(picks, tokenizer.pad_token_id)
         for group in optim.param_groups:
             group["lr"] = _lr(step, steps, lr)
@@ -157,7 +178,7 @@ def build(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=2500, help="optimizer steps")
     parser.add_argument("--seed", type=int, default=0, help="seed (weights and batches)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")

@@ -9,18 +9,29 @@ task          schema of                    content
 mmlu          ``cais/mmlu``                fact quiz over a fixed world of 24 animals with
                                            a colour, a habitat and a diet each
 gsm8k         ``openai/gsm8k``             two-number addition, ``"a + b = s\\n#### s"``
-medqa         ``GBaker/MedQA-USMLE-4-..``  diagnosis of one of 12 diseases from 3 of its 4
-                                           symptoms
-pubmedqa      ``qiaojin/PubMedQA``         yes/no/maybe read off a two-sentence trial
+medqa         ``GBaker/MedQA-USMLE-4-..``  diagnosis of one of 12 diseases from 2 of its 4
+                                           symptoms; the options are the answer's group of
+                                           4 differential diagnoses (:data:`SPECIALTIES`)
+pubmedqa      ``qiaojin/PubMedQA``         yes/no/maybe by a rule over the whole trial: a
+                                           definite outcome for the asked symptom in 30+
+                                           patients decides; a hedged outcome, a smaller
+                                           trial or another symptom measured is maybe
 clinical_sum  the MIMIC-III export schema  a short note -> a summary naming age, sex, the
-                                           disease (inferred) and the drug
+                                           disease (inferred from the drug) and the drug
 ============  ===========================  ===============================================
 
-Multiple-choice records have 4 options: the answer and 3 random distractors, listed in a
-fixed canonical order of the values (as MMLU lists numeric answers in order). Without the
-fact every letter is equally likely; a small model that knows the fact can place the answer
-from the order alone, which keeps the quiz learnable by a 0.7M-parameter model in minutes
-(with shuffled options it stayed at chance for thousands of steps).
+MMLU-format records have 4 options: the answer and 3 random distractors, listed in a fixed
+canonical order of the values (as MMLU lists numeric answers in order). Without the fact every
+letter is equally likely; a small model that knows the fact can place the answer from the
+order alone, which keeps the quiz learnable by a 0.7M-parameter model in minutes (with
+shuffled options it stayed at chance for thousands of steps).
+
+The medical tasks are built to leave headroom and to compete (docs/results/README.md has the
+measurements): the MedQA-format presentation shows 2 of 4 symptoms, so one pair fits two
+diseases of a group (:func:`medqa_bayes_accuracy`: 98.6%); the PubMedQA-format rule needs
+three facts of the context and the question (reading the outcome words alone scores ~77%);
+MedQA-format questions and MMLU-format questions share the ``Question: .. A. .. Answer:``
+format and its letters, so learning diagnoses can overwrite the quiz.
 
 The world (facts, diseases) is fixed and independent of any seed, so a base model trained on
 it keeps knowing it whatever seed an experiment uses. Splits are disjoint as records (no
@@ -106,17 +117,21 @@ DISEASES: dict[str, tuple[tuple[str, ...], str]] = {
     "cystitis": (("dysuria", "urgency", "hematuria", "frequency"), "nitrofurantoin"),
     "epilepsy": (("seizures", "confusion", "drowsiness", "incontinence"), "levetiracetam"),
 }
-AGES: tuple[int, ...] = (20, 30, 40, 50, 60, 70, 80)
+# Differential-diagnosis groups: a MedQA-format question lists the answer's group as options.
+SPECIALTIES: tuple[tuple[str, ...], ...] = (
+    ("pneumonia", "asthma", "meningitis", "gastroenteritis"),
+    ("diabetes", "hepatitis", "anemia", "hyperthyroidism"),
+    ("migraine", "gout", "cystitis", "epilepsy"),
+)
+PRESENTED_SYMPTOMS = 2  # of a disease's 4: some pairs fit two diseases (a Bayes ceiling < 1)
+AGES: tuple[int, ...] = (*range(18, 41), 50, 60, 70, 80)  # words of the vocabulary's numbers
 SEXES: dict[str, str] = {"man": "He", "woman": "She"}
-TRIAL_SIZES: tuple[int, ...] = (10, 20, 30, 40)
+TRIAL_SIZES: tuple[int, ...] = tuple(range(10, 41))  # words of the vocabulary's numbers
+POWERED_TRIAL = 30  # a definite outcome from this many patients or more decides yes / no
 OUTCOMES: dict[str, str] = {"yes": "reduced", "no": "did not reduce", "maybe": "may have reduced"}
 
-MEDQA_TEMPLATE = (
-    "A {age} year old {sex} has {s1} , {s2} and {s3} . What is the most likely diagnosis ?"
-)
-NOTE_TEMPLATE = (
-    "A {age} year old {sex} reports {s1} , {s2} and {s3} . {pronoun} was started on {drug} ."
-)
+MEDQA_TEMPLATE = "A {age} year old {sex} has {s1} , {s2} . What is the most likely diagnosis ?"
+NOTE_TEMPLATE = "A {age} year old {sex} reports {s1} , {s2} . {pronoun} was started on {drug} ."
 SUMMARY_TEMPLATE = "{age} year old {sex} with {disease} on {drug} ."
 BACKGROUND_TEMPLATE = "{disease} often causes {s1} and {s2} ."
 RESULT_TEMPLATE = "In a trial of {n} patients with {disease} , {drug} {outcome} {symptom} ."
@@ -125,6 +140,7 @@ LONG_ANSWER = "{drug} {outcome} {symptom} in patients with {disease} ."
 
 # Words of the real tasks' prompt templates (see medmoe.data.tasks).
 TEMPLATE_WORDS = "Question : Answer : Context : Note : Summary : A . B . C . D . yes no maybe"
+COPY_WORD = "Repeat"  # the toy base's reading exercise: "Repeat : w1 .. wk" -> " w1 .. wk"
 
 
 def toy_vocabulary() -> list[str]:
@@ -136,7 +152,7 @@ def toy_vocabulary() -> list[str]:
         texts += [disease, disease.capitalize(), drug, drug.capitalize(), *symptoms]
     texts += [str(a) for a in AGES] + [str(n) for n in TRIAL_SIZES] + [*SEXES, *SEXES.values()]
     texts += [MEDQA_TEMPLATE, NOTE_TEMPLATE, SUMMARY_TEMPLATE, BACKGROUND_TEMPLATE]
-    texts += [RESULT_TEMPLATE, PUBMED_QUESTION, LONG_ANSWER, *OUTCOMES.values()]
+    texts += [RESULT_TEMPLATE, PUBMED_QUESTION, LONG_ANSWER, *OUTCOMES.values(), COPY_WORD]
     words: dict[str, None] = {}
     for text in texts:
         for word in split_words(re.sub(r"\{\w+\}", " ", text)):  # drop template fields
@@ -171,37 +187,67 @@ def make_gsm8k(rng: random.Random) -> tuple[str, Record]:
 
 def _patient(rng: random.Random) -> tuple[str, list[str], int, str]:
     disease = rng.choice(list(DISEASES))
-    symptoms = rng.sample(DISEASES[disease][0], 3)
+    symptoms = rng.sample(DISEASES[disease][0], PRESENTED_SYMPTOMS)
     return disease, symptoms, rng.choice(AGES), rng.choice(list(SEXES))
 
 
+def specialty(disease: str) -> tuple[str, ...]:
+    """The differential-diagnosis group of ``disease`` (a MedQA-format question's options)."""
+    return next(group for group in SPECIALTIES if disease in group)
+
+
 def make_medqa(rng: random.Random) -> tuple[str, Record]:
-    disease, (s1, s2, s3), age, sex = _patient(rng)
-    question = MEDQA_TEMPLATE.format(age=age, sex=sex, s1=s1, s2=s2, s3=s3)
-    options, answer = _options(rng, disease, list(DISEASES))
+    disease, (s1, s2), age, sex = _patient(rng)
+    question = MEDQA_TEMPLATE.format(age=age, sex=sex, s1=s1, s2=s2)
+    options = list(specialty(disease))
     record = {
         "question": question,
         "answer": disease,
         "options": dict(zip(LETTERS, options, strict=True)),
         "meta_info": "step1",
-        "answer_idx": LETTERS[answer],
-        "metamap_phrases": [f"{age} year old {sex}", s1, s2, s3],
+        "answer_idx": LETTERS[options.index(disease)],
+        "metamap_phrases": [f"{age} year old {sex}", s1, s2],
     }
     return f"{question}|{options}", record
+
+
+MAYBE_REASONS: tuple[str, ...] = ("hedged", "small trial", "other symptom")
+
+
+def _trial(
+    rng: random.Random, decision: str, asked: str, others: Sequence[str]
+) -> tuple[str, int, str]:
+    """The reported outcome, trial size and measured symptom behind ``decision``.
+
+    yes / no: a definite outcome for the asked symptom in a trial of at least
+    :data:`POWERED_TRIAL` patients. maybe, one of :data:`MAYBE_REASONS` at random: a hedged
+    outcome, a definite one from a smaller trial, or a definite one for another symptom.
+    """
+    powered = [n for n in TRIAL_SIZES if n >= POWERED_TRIAL]
+    definite = [OUTCOMES["yes"], OUTCOMES["no"]]
+    if decision != "maybe":
+        return OUTCOMES[decision], rng.choice(powered), asked
+    reason = rng.choice(MAYBE_REASONS)
+    if reason == "hedged":
+        return OUTCOMES["maybe"], rng.choice(TRIAL_SIZES), asked
+    if reason == "small trial":
+        small = [n for n in TRIAL_SIZES if n < POWERED_TRIAL]
+        return rng.choice(definite), rng.choice(small), asked
+    return rng.choice(definite), rng.choice(powered), rng.choice(list(others))
 
 
 def make_pubmedqa(rng: random.Random) -> tuple[str, Record]:
     disease = rng.choice(list(DISEASES))
     symptoms, drug = DISEASES[disease]
-    symptom, *others = rng.sample(symptoms, 3)
+    asked, *others = rng.sample(symptoms, 4)  # others: the background's and another symptom
     decision = rng.choice(list(OUTCOMES))
-    outcome, n = OUTCOMES[decision], rng.choice(TRIAL_SIZES)
-    fields = {"drug": drug, "symptom": symptom, "disease": disease, "outcome": outcome}
+    outcome, n, measured = _trial(rng, decision, asked, others)
+    fields = {"drug": drug, "disease": disease, "outcome": outcome}
     contexts = [
         BACKGROUND_TEMPLATE.format(disease=disease.capitalize(), s1=others[0], s2=others[1]),
-        RESULT_TEMPLATE.format(n=n, **fields),
+        RESULT_TEMPLATE.format(n=n, symptom=measured, **fields),
     ]
-    question = PUBMED_QUESTION.format(**fields)
+    question = PUBMED_QUESTION.format(symptom=asked, **fields)
     record = {
         "pubid": 0,  # set by the split builder
         "question": question,
@@ -212,18 +258,18 @@ def make_pubmedqa(rng: random.Random) -> tuple[str, Record]:
             "reasoning_required_pred": decision,
             "reasoning_free_pred": decision,
         },
-        "long_answer": LONG_ANSWER.format(**{**fields, "drug": drug.capitalize()}),
+        "long_answer": LONG_ANSWER.format(
+            drug=drug.capitalize(), outcome=outcome, symptom=measured, disease=disease
+        ),
         "final_decision": decision,
     }
     return f"{contexts}|{question}", record
 
 
 def make_clinical_sum(rng: random.Random) -> tuple[str, Record]:
-    disease, (s1, s2, s3), age, sex = _patient(rng)
+    disease, (s1, s2), age, sex = _patient(rng)
     drug = DISEASES[disease][1]
-    text = NOTE_TEMPLATE.format(
-        age=age, sex=sex, s1=s1, s2=s2, s3=s3, pronoun=SEXES[sex], drug=drug
-    )
+    text = NOTE_TEMPLATE.format(age=age, sex=sex, s1=s1, s2=s2, pronoun=SEXES[sex], drug=drug)
     summary = SUMMARY_TEMPLATE.format(age=age, sex=sex, disease=disease, drug=drug)
     return text, {"note_id": "", "text": text, "summary": summary}
 
@@ -297,3 +343,19 @@ def check_world() -> None:
         for trio in combinations(sorted(symptoms), 3):
             owners = [d for d, s in sets.items() if set(trio) <= s]
             assert owners == [disease], f"{trio} fits {owners}"
+    for group in SPECIALTIES:
+        assert len(group) == len(LETTERS), group
+    assert sorted(d for group in SPECIALTIES for d in group) == sorted(DISEASES)
+
+
+def medqa_bayes_accuracy() -> float:
+    """The best accuracy any model can reach on the MedQA-format task: presentations (two
+    symptoms, the options' group) that fit several diseases of the group are a coin flip."""
+    total = 0.0
+    pairs = 0
+    for disease, (symptoms, _) in DISEASES.items():
+        for pair in combinations(symptoms, PRESENTED_SYMPTOMS):
+            fits = [d for d in specialty(disease) if set(pair) <= set(DISEASES[d][0])]
+            total += 1 / len(fits)
+            pairs += 1
+    return total / pairs
