@@ -319,6 +319,9 @@ def interference_tables(data: Collected) -> list[Table]:
         "(mean ± 95% CI half-width, t); negative = interference. Seeds: seeds with every "
         "single-task run."
     )
+    if not rows:
+        note = "No method of this grid has single-task runs (a `single_task:` section)."
+
     table5 = Table(
         5, "Table 5: Interference (joint vs single-task training)", header, tuple(rows), note
     )
@@ -419,6 +422,8 @@ def replay_table(data: Collected) -> Table:
         "Δ: change against the base model in points (the base is scored once; the interval is "
         "over the trained runs' seeds). The grid's own ratio is the method's own row."
     )
+    if not rows:
+        note = "No method of this grid has a replay sweep (a `replay_sweep:` section)."
     return Table(6, "Table 6: Forgetting vs replay ratio", header, tuple(rows), note)
 
 
