@@ -4,6 +4,7 @@ from fake results.json files (no training)."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -227,6 +228,9 @@ def test_tables_5_and_6_claims_and_files(tmp_path: Path) -> None:
     assert "table5b_ortho_lora.csv" in written
     for png in ("domain_vs_forgetting.png", "forgetting_vs_replay.png", "interference_gap.png"):
         assert png in written and (out / png).stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["key"]: r["verdict"] for r in summary["claims"]} == verdicts
+    assert [r["status"] for r in summary["checks"]] == status
     text = (out / "claims.md").read_text()
     assert "entirely on the paper's side of zero" in text and "**not run**" in text
     assert "95% CI (t, n-1 df) over seeds" in (out / "tables.md").read_text()

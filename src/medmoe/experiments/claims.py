@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from medmoe.callbacks.table_format import markdown_table
 from medmoe.experiments.report import (
@@ -36,6 +37,7 @@ __all__ = [
     "checks",
     "claims",
     "claims_markdown",
+    "claims_summary",
     "directional_verdict",
     "equivalence_verdict",
     "overhead_verdict",
@@ -478,3 +480,25 @@ def claims_markdown(data: Collected) -> str:
         "",
     )
     return "\n".join([*head, table, testbed])
+
+
+def claims_summary(data: Collected) -> dict[str, list[dict[str, Any]]]:
+    """The claims and checks as JSON-ready rows (for ``summary.json``)."""
+    rows = []
+    for c in claims(data):
+        stat = c.measured or Stat(None, None, 0)
+        rows.append(
+            {
+                "key": c.key,
+                "claim": c.claim,
+                "paper": c.paper,
+                "unit": c.unit,
+                "mean": stat.mean,
+                "ci_low": stat.low,
+                "ci_high": stat.high,
+                "n": stat.n,
+                "verdict": c.verdict,
+            }
+        )
+    tests = [{"check": c.check, "figures": c.figures, "status": c.status} for c in checks(data)]
+    return {"claims": rows, "checks": tests}

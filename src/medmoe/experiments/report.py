@@ -552,7 +552,7 @@ def write_report(grid: Grid, out_dir: str | Path) -> list[Path]:
     """Write ``tables.md``, the tables' CSVs, ``runs.csv``, ``summary.json``, ``claims.md``
     and the PNG plots into ``out_dir`` from whatever results exist there; returns the files
     written (a plot without data to draw is skipped)."""
-    from medmoe.experiments.claims import claims_markdown
+    from medmoe.experiments.claims import claims_markdown, claims_summary
     from medmoe.experiments.plots import PLOTS
 
     data = collect(grid, out_dir)
@@ -577,7 +577,9 @@ def write_report(grid: Grid, out_dir: str | Path) -> list[Path]:
         written.append(path)
     (out_dir / RUNS_CSV).write_text(_runs_csv(data))
     written.append(out_dir / RUNS_CSV)
-    written.append(write_json(out_dir / SUMMARY_FILE, _summary(data)))
+    summary = _summary(data)
+    summary.update(claims_summary(data))  # "claims" and "checks"
+    written.append(write_json(out_dir / SUMMARY_FILE, summary))
     claims = out_dir / CLAIMS_FILE
     claims.write_text(claims_markdown(data))
     written.append(claims)
