@@ -24,7 +24,7 @@ from medmoe.experiments.claims import (
     overhead_verdict,
     recovery_verdict,
 )
-from medmoe.experiments.report import ortho_recovery, single_task_average, to_csv
+from medmoe.experiments.report import ortho_recovery, replay_runs, single_task_average, to_csv
 from medmoe.experiments.stats import (
     Stat,
     bootstrap,
@@ -246,3 +246,15 @@ def test_a_partial_grid_reports_not_run(tmp_path: Path) -> None:
     assert {c.status for c in checks(data)} <= {NOT_RUN, "fail", "pass"}
     written = {p.name for p in write_report(grid, out)}
     assert "claims.md" in written and "forgetting_vs_replay.png" not in written  # no base
+
+
+def test_replay_rows_use_the_methods_own_ratio(tmp_path: Path) -> None:
+    grid = load_grid(_grid(tmp_path))
+    assert replay_runs(grid, "lora") == [(0.0, "lora-replay0"), (0.05, "lora-replay0.05")] + [
+        (0.2, "lora")  # demo.yaml's replay_ratio
+    ]
+    assert replay_runs(grid, "med_moe_lora") == []  # no sweep
+    values = yaml.safe_load((tmp_path / "grid.yaml").read_text())
+    values["methods"][1]["overrides"] = {"data.init_args.replay_ratio": 0.1}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(values))
+    assert replay_runs(load_grid(tmp_path / "grid.yaml"), "lora")[-1] == (0.1, "lora")

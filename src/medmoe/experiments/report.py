@@ -24,7 +24,7 @@ from medmoe.callbacks.table_format import (
     csv_table,
     markdown_table,
 )
-from medmoe.experiments.grid import BASE_RUN, Grid, Method
+from medmoe.experiments.grid import BASE_RUN, REPLAY_KEY, Grid, Method
 from medmoe.experiments.stats import (
     BOOTSTRAP_RESAMPLES,
     Stat,
@@ -117,7 +117,8 @@ def _pct(scores: dict[str, float], task: str) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def _medical_average(scores: dict[str, float]) -> float | None:
+def medical_average(scores: dict[str, float]) -> float | None:
+    """Mean over the domain tasks the run has scores for, in % (the paper's Average)."""
     values = [_pct(scores, t) for t, _ in MEDICAL_TASKS if t in scores]
     return statistics.fmean(values) if values else None
 
@@ -140,11 +141,6 @@ def task_score(task: str) -> Callable[[dict[str, float]], float | None]:
     return lambda scores: _pct(scores, task)
 
 
-def medical_average(scores: dict[str, float]) -> float | None:
-    """Mean over the domain tasks the run has scores for, in % (the paper's Average)."""
-    return _medical_average(scores)
-
-
 def task_delta(
     task: str, base: dict[str, float] | None
 ) -> Callable[[dict[str, float]], float | None]:
@@ -165,11 +161,13 @@ def single_tasks(grid: Grid, family: str) -> dict[str, str]:
 
 def replay_runs(grid: Grid, family: str) -> list[tuple[float | None, str]]:
     """(replay ratio, method name) of ``family``'s sweep runs and its own row, by ratio; empty
-    when the family has no sweep. The own row's ratio is the grid's (``None`` if unknown)."""
+    when the family has no sweep. The own row's ratio is its override's or else the grid's
+    (``None`` if unknown)."""
     sweep = [(m.replay_ratio, m.name) for m in grid.family(family) if m.replay_ratio is not None]
     if not sweep:
         return []
-    rows = [*sweep, (grid.replay_ratio, family)]
+    own = grid.method(family).overrides.get(REPLAY_KEY, grid.replay_ratio)
+    rows = [*sweep, (None if own is None else float(own), family)]
     return sorted(rows, key=lambda row: -1.0 if row[0] is None else row[0])
 
 
@@ -218,12 +216,12 @@ def tables(data: Collected) -> list[Table]:
     rows: list[tuple[Cell, ...]] = []
     if base_scores is not None:
         base_cells = [Stat.of([_pct(base_scores, t)]) for t, _ in MEDICAL_TASKS]
-        average = Stat.of([_medical_average(base_scores)])
+        average = Stat.of([medical_average(base_scores)])
         rows.append(("Base Model (Zero-shot)", *base_cells, average, 1))
     for m in methods(1):
         runs = data.runs[m.name]
         cells = [_stat(runs, lambda s, t=t: _pct(s, t)) for t, _ in MEDICAL_TASKS]
-        rows.append((m.label, *cells, _stat(runs, _medical_average), len(runs)))
+        rows.append((m.label, *cells, _stat(runs, medical_average), len(runs)))
     header = ("Method", *(title for _, title in MEDICAL_TASKS), "Average", "Seeds")
     table1 = Table(1, "Table 1: Medical benchmarks", header, tuple(rows))
 
@@ -252,7 +250,7 @@ def tables(data: Collected) -> list[Table]:
                 m.label,
                 allocation.get("lower", MISSING),
                 allocation.get("higher", MISSING),
-                _stat(runs, _medical_average),
+                _stat(runs, medical_average),
                 len(runs),
             )
         )
@@ -273,7 +271,7 @@ def tables(data: Collected) -> list[Table]:
                 m.label,
                 Stat.of([None if trainable.mean is None else trainable.mean / scale]),
                 Stat.of([None if active.mean is None else active.mean / scale]),
-                _stat(runs, _medical_average),
+                _stat(runs, medical_average),
                 len(runs),
             )
         )
@@ -487,7 +485,7 @@ def _runs_csv(data: Collected) -> str:
     ]
     for r in everything:
         scores = r["scores"]
-        average = _medical_average(scores)
+        average = medical_average(scores)
         writer.writerow(
             [r["method"], r.get("label", ""), "" if r["seed"] is None else r["seed"]]
             + [MISSING if t not in scores else f"{100 * scores[t]:.2f}" for t in tasks]
@@ -511,7 +509,7 @@ def _summary(data: Collected) -> dict[str, Any]:
         values = {
             t: _stat(runs, lambda s, t=t: _pct(s, t)) for t, _ in (*MEDICAL_TASKS, *GENERAL_TASKS)
         }
-        values["medical_avg"] = _stat(runs, _medical_average)
+        values["medical_avg"] = _stat(runs, medical_average)
         values["forgetting"] = _stat(runs, lambda s: forgetting(s, base_scores))
         methods[m.name] = {
             "label": m.label,
