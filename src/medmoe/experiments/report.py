@@ -348,7 +348,8 @@ def interference_tables(data: Collected) -> list[Table]:
             "Gap recovery = (Ortho-LoRA joint − LoRA joint) / (LoRA single-task − LoRA joint) on "
             "the medical average, point estimate from the means; interval: 95% percentile "
             f"bootstrap over seeds ({BOOTSTRAP_RESAMPLES} paired resamples, fixed RNG seed). "
-            "1 = the whole gap recovered. Step-time ratio: (fit_cpu_seconds / global_step) of "
+            "1 = the whole gap recovered; with few seeds a percentile bootstrap is narrower "
+            "than the true 95% interval. Step-time ratio: (fit_cpu_seconds / global_step) of "
             "Ortho-LoRA over LoRA's, per seed, mean and t interval of the ratios."
         )
         tables_.append(
