@@ -239,9 +239,12 @@ def test_tables_5_and_6_claims_and_files(tmp_path: Path) -> None:
 def test_a_partial_grid_reports_not_run(tmp_path: Path) -> None:
     grid = load_grid(_grid(tmp_path))
     out = tmp_path / "out"
-    _write(out, "lora", 0, {"medqa": 0.5, "pubmedqa": 0.6, "clinical_sum": 0.3})
+    for seed in (0, 1):  # Ortho-LoRA and LoRA without single-task runs: overhead only
+        _write(out, "ortho_lora", seed, {"medqa": 0.5}, cpu=30.0)
+        _write(out, "lora", seed, {"medqa": 0.5, "pubmedqa": 0.6, "clinical_sum": 0.3})
     data = collect(grid, out)
     verdicts = {c.key: c.verdict for c in claims(data)}
+    assert verdicts.pop("i2") == NOT_HOLD  # 3.0 s/step against 1.0
     assert set(verdicts.values()) == {NOT_RUN}
     assert {c.status for c in checks(data)} <= {NOT_RUN, "fail", "pass"}
     written = {p.name for p in write_report(grid, out)}

@@ -14,6 +14,7 @@ from typing import Any
 
 from medmoe.callbacks.table_format import markdown_table
 from medmoe.experiments.report import (
+    ORTHO,
     Collected,
     PerSeed,
     medical_average,
@@ -21,10 +22,11 @@ from medmoe.experiments.report import (
     replay_runs,
     single_task_average,
     single_tasks,
+    step_seconds,
     task_delta,
     task_score,
 )
-from medmoe.experiments.stats import Stat, paired_difference
+from medmoe.experiments.stats import Stat, paired_difference, paired_ratio
 
 __all__ = [
     "EQUIVALENCE_MARGIN",
@@ -345,7 +347,11 @@ def claims(data: Collected) -> list[Claim]:
             unit="fraction of the gap",
         )
     )
-    ratio = None if ortho is None or not data.has("lora") else ortho["step_ratio"]
+    ratio = None  # needs Ortho-LoRA and LoRA runs only (not the single-task runs)
+    if data.has(ORTHO) and data.has("lora"):
+        ratio = paired_ratio(
+            data.per_seed(ORTHO, step_seconds), data.per_seed("lora", step_seconds)
+        )
     rows.append(
         Claim(
             "i2",
