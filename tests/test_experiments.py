@@ -22,7 +22,8 @@ from medmoe.experiments import (
     tables,
     write_report,
 )
-from medmoe.experiments.report import Stat, to_csv, to_markdown
+from medmoe.experiments.report import to_csv, to_markdown
+from medmoe.experiments.stats import Stat
 from medmoe.experiments.worker import write_json
 
 torch.set_num_threads(1)
@@ -168,10 +169,12 @@ def test_report_means_stds_and_deltas(tmp_path: Path) -> None:
         )
     data = collect(grid, out)
     assert data.missing() == ["lora seed 0", "lora seed 1"]
-    table1, table2, table3, table4 = tables(data)
+    table1, table2, table3, table4 = tables(data)[:4]
     row = dict((r[0], r[1:]) for r in table1.rows)["med_moe_lora"]
     pubmedqa, average = row[0], row[3]
     assert pubmedqa.mean == pytest.approx(70.0) and pubmedqa.std == pytest.approx(14.1421, 1e-4)
+    # 95% t interval, 1 df: 12.7062 x 14.1421 / sqrt(2) = 127.06 points either side
+    assert pubmedqa.half_width == pytest.approx(127.062, 1e-4)
     assert average.mean == pytest.approx((70 + 45 + 20) / 3) and average.n == 2
     assert dict((r[0], r[-1]) for r in table1.rows)["lora"] == 0  # no runs yet: n/a cells
     general = dict((r[0], r[1:]) for r in table2.rows)["med_moe_lora"]
@@ -182,16 +185,16 @@ def test_report_means_stds_and_deltas(tmp_path: Path) -> None:
     assert table4.rows[-1][1].mean == pytest.approx(2.0) and table4.rows[-1][2].mean == 0.5
     markdown = to_markdown(table1)
     assert "| Base Model (Zero-shot) | 50.0 | 25.0 | 0.0 | 25.0 | 1 |" in markdown
-    assert "70.0 ± 14.1" in markdown and "n/a" in markdown
+    assert "70.0 ± 127.1" in markdown and "n/a" in markdown
     header = next(csv.reader(to_csv(table2).splitlines()))
-    assert header == ["Method", "MMLU", "MMLU std", "Δ", "Δ std", "GSM8K", "GSM8K std"] + [
-        "Δ",
-        "Δ std",
-        "Seeds",
-    ]
+    stat_columns = ["ci_low", "ci_high", "std", "n"]
+    expected = ["Method"]
+    for name in ("MMLU", "Δ", "GSM8K", "Δ"):
+        expected += [name, *(f"{name} {k}" for k in stat_columns)]
+    assert header == [*expected, "Seeds"]
     written = {p.name for p in write_report(grid, out)}
     assert {"tables.md", "table1_medical.csv", "table4_params.csv", "runs.csv"} <= written
-    assert {"summary.json", "domain_vs_forgetting.png", "allocation.png"} <= written
+    assert {"summary.json", "domain_vs_forgetting.png", "allocation.png", "claims.md"} <= written
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["med_moe_lora"]["forgetting"]["mean"] == pytest.approx(5.0)
 
@@ -199,7 +202,7 @@ def test_report_means_stds_and_deltas(tmp_path: Path) -> None:
 def test_stat_formatting() -> None:
     assert Stat.of([]).text() == "n/a"
     assert Stat.of([1.0]).text() == "1.0"
-    assert Stat.of([1.0, 3.0]).text(2) == "2.00 ± 1.41"
+    assert Stat.of([1.0, 3.0]).text(2) == "2.00 ± 12.71"  # t(0.975, 1) x 1.414 / sqrt(2)
     assert Stat.of([-0.25], signed=True).text() == "-0.2"
 
 

@@ -8,8 +8,9 @@ Every run trains through ``medmoe.cli.main`` (``medmoe fit``) in its own directo
 test split's fixed subsets with the evaluation callbacks' scorer; the base model is scored
 once (``<out>/base``). A run whose ``results.json`` exists is skipped, so an interrupted grid
 resumes where it stopped (a fit interrupted mid-way resumes from its ``last.ckpt``). The
-report (``tables.md``, ``table{1..4}_*.csv``, ``runs.csv``, ``summary.json``, two PNG plots)
-is rebuilt from the results on disk at the end of every invocation.
+report (``tables.md``, ``table{1..6}_*.csv``, ``runs.csv``, ``summary.json``, ``claims.md``,
+the PNG plots; 95% t intervals over seeds, paired differences) is rebuilt from the results on
+disk at the end of every invocation.
 """
 
 from __future__ import annotations

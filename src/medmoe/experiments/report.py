@@ -1,5 +1,7 @@
-"""The paper's Tables 1-4 (Markdown and CSV, mean ± std over seeds) and two plots, from the
-``results.json`` files a grid's runs wrote.
+"""The paper's Tables 1-4, Table 5 (interference: joint vs single-task training) and Table 6
+(forgetting vs replay ratio) as Markdown and CSV (mean ± 95% t-interval half-width over seeds),
+``claims.md`` (a verdict per claim of the paper, :mod:`medmoe.experiments.claims`) and the plots
+(:mod:`medmoe.experiments.plots`), from the ``results.json`` files a grid's runs wrote.
 
 Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
 Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
@@ -9,9 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,14 @@ from medmoe.callbacks.table_format import (
     csv_table,
     markdown_table,
 )
-from medmoe.experiments.grid import BASE_RUN, Grid, Method
+from medmoe.experiments.grid import BASE_RUN, REPLAY_KEY, Grid, Method
+from medmoe.experiments.stats import (
+    BOOTSTRAP_RESAMPLES,
+    Stat,
+    bootstrap,
+    paired_difference,
+    paired_ratio,
+)
 from medmoe.experiments.worker import read_results, write_json
 
 __all__ = ["Collected", "Stat", "Table", "collect", "settings_note", "tables", "write_report"]
@@ -34,39 +42,19 @@ CSV_FILES = {
     2: "table2_general.csv",
     3: "table3_allocation.csv",
     4: "table4_params.csv",
+    5: "table5_interference.csv",
+    6: "table6_forgetting_replay.csv",
 }
+ORTHO_CSV = "table5b_ortho_lora.csv"
+CLAIMS_FILE = "claims.md"
+ORTHO = "ortho_lora"  # Ortho-LoRA's method name: its gap recovery against LoRA's family
 RUNS_CSV = "runs.csv"
 SUMMARY_FILE = "summary.json"
-SCATTER_PNG = "domain_vs_forgetting.png"
-ALLOCATION_PNG = "allocation.png"
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean and sample standard deviation (``None`` with one value) of ``n`` values."""
-
-    mean: float | None
-    std: float | None
-    n: int
-    signed: bool = False
-
-    @classmethod
-    def of(cls, values: Sequence[float | None], signed: bool = False) -> Stat:
-        kept = [float(v) for v in values if v is not None and not math.isnan(v)]
-        if not kept:
-            return cls(None, None, 0, signed)
-        std = statistics.stdev(kept) if len(kept) > 1 else None
-        return cls(statistics.fmean(kept), std, len(kept), signed)
-
-    def text(self, digits: int = 1) -> str:
-        if self.mean is None:
-            return MISSING
-        sign = "+" if self.signed else ""
-        mean = f"{self.mean:{sign}.{digits}f}"
-        return mean if self.std is None else f"{mean} ± {self.std:.{digits}f}"
 
 
 Cell = Stat | str | float | int | None
+PerSeed = dict[int, float | None]
+NOT_RUN = "not run"
 
 
 @dataclass(frozen=True)
@@ -76,6 +64,8 @@ class Table:
     header: tuple[str, ...]
     rows: tuple[tuple[Cell, ...], ...]
     note: str = ""
+    file: str = ""  # the CSV's name; default: CSV_FILES[number]
+    digits: tuple[int, ...] = ()  # decimals per column (default 1)
 
 
 @dataclass
@@ -95,6 +85,22 @@ class Collected:
             absent += [f"{method.name} seed {s}" for s in self.grid.seeds if s not in done]
         return absent
 
+    @property
+    def base_scores(self) -> dict[str, float] | None:
+        return None if self.base is None else self.base["scores"]
+
+    def has(self, name: str) -> bool:
+        """Whether the grid defines method ``name`` (found runs or not)."""
+        return name in self.runs
+
+    def per_seed(self, name: str, value: Callable[[dict[str, Any]], float | None]) -> PerSeed:
+        """``value(results)`` of each finished seed of method ``name`` (empty if undefined)."""
+        return {r["seed"]: value(r) for r in self.runs.get(name, [])}
+
+    def scores(self, name: str, value: Callable[[dict[str, float]], float | None]) -> PerSeed:
+        """``value(scores)`` of each finished seed of method ``name``."""
+        return self.per_seed(name, lambda r: value(r["scores"]))
+
 
 def collect(grid: Grid, out_dir: str | Path) -> Collected:
     out_dir = Path(out_dir).resolve()
@@ -111,7 +117,8 @@ def _pct(scores: dict[str, float], task: str) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def _medical_average(scores: dict[str, float]) -> float | None:
+def medical_average(scores: dict[str, float]) -> float | None:
+    """Mean over the domain tasks the run has scores for, in % (the paper's Average)."""
     values = [_pct(scores, t) for t, _ in MEDICAL_TASKS if t in scores]
     return statistics.fmean(values) if values else None
 
@@ -122,11 +129,59 @@ def _delta(scores: dict[str, float], base: dict[str, float] | None, task: str) -
     return 100.0 * (scores[task] - base[task])
 
 
-def _forgetting(scores: dict[str, float], base: dict[str, float] | None) -> float | None:
+def forgetting(scores: dict[str, float], base: dict[str, float] | None) -> float | None:
     """Mean change on the general tasks against the base model (negative = forgetting)."""
     deltas = [_delta(scores, base, t) for t, _ in GENERAL_TASKS]
     deltas = [d for d in deltas if d is not None]
     return statistics.fmean(deltas) if deltas else None
+
+
+def task_score(task: str) -> Callable[[dict[str, float]], float | None]:
+    """The per-run score of ``task`` in % (``None`` if the run has none)."""
+    return lambda scores: _pct(scores, task)
+
+
+def task_delta(
+    task: str, base: dict[str, float] | None
+) -> Callable[[dict[str, float]], float | None]:
+    """The per-run change of ``task`` against the base model, in points."""
+    return lambda scores: _delta(scores, base, task)
+
+
+def step_seconds(results: dict[str, Any]) -> float | None:
+    """CPU seconds per optimizer step of one fit (``fit_cpu_seconds / global_step``)."""
+    cpu, steps = results.get("fit_cpu_seconds"), results.get("global_step")
+    return None if cpu is None or not steps else float(cpu) / float(steps)
+
+
+def single_tasks(grid: Grid, family: str) -> dict[str, str]:
+    """Domain task -> the name of ``family``'s single-task run on it (empty: none)."""
+    return {m.single_task: m.name for m in grid.family(family) if m.single_task is not None}
+
+
+def replay_runs(grid: Grid, family: str) -> list[tuple[float | None, str]]:
+    """(replay ratio, method name) of ``family``'s sweep runs and its own row, by ratio; empty
+    when the family has no sweep. The own row's ratio is its override's or else the grid's
+    (``None`` if unknown)."""
+    sweep = [(m.replay_ratio, m.name) for m in grid.family(family) if m.replay_ratio is not None]
+    if not sweep:
+        return []
+    own = grid.method(family).overrides.get(REPLAY_KEY, grid.replay_ratio)
+    rows = [*sweep, (None if own is None else float(own), family)]
+    return sorted(rows, key=lambda row: -1.0 if row[0] is None else row[0])
+
+
+def single_task_average(data: Collected, family: str) -> PerSeed:
+    """Per seed: the mean over domain tasks of each task's score from its single-task run
+    (a seed lacking any task's run is dropped)."""
+    runs = single_tasks(data.grid, family)
+    if not runs:
+        return {}
+    per_task = {t: data.scores(name, task_score(t)) for t, name in runs.items()}
+    seeds = set.intersection(
+        *(set(k for k, v in p.items() if v is not None) for p in per_task.values())
+    )
+    return {s: statistics.fmean(per_task[t][s] for t in runs) for s in sorted(seeds)}
 
 
 def _stat(runs: list[dict[str, Any]], value, signed: bool = False) -> Stat:
@@ -143,7 +198,8 @@ def settings_note(grid: Grid) -> str:
     settings = grid.eval
     subset = "all" if settings.limit is None else f"a fixed subset of {settings.limit}"
     return (
-        f"Mean ± std over seeds {list(grid.seeds)} (Seeds: the runs found); split "
+        f"Mean ± half-width of the 95% CI (t, n-1 df) over seeds {list(grid.seeds)} (Seeds: "
+        "the runs found; one run: the mean alone); split "
         f"{settings.split!r}, {subset} examples per task, {settings.shots}-shot. Accuracy % "
         "(GSM8K: strict exact match), ROUGE-L x100; Δ: change against the base model, in points."
     )
@@ -160,12 +216,12 @@ def tables(data: Collected) -> list[Table]:
     rows: list[tuple[Cell, ...]] = []
     if base_scores is not None:
         base_cells = [Stat.of([_pct(base_scores, t)]) for t, _ in MEDICAL_TASKS]
-        average = Stat.of([_medical_average(base_scores)])
+        average = Stat.of([medical_average(base_scores)])
         rows.append(("Base Model (Zero-shot)", *base_cells, average, 1))
     for m in methods(1):
         runs = data.runs[m.name]
         cells = [_stat(runs, lambda s, t=t: _pct(s, t)) for t, _ in MEDICAL_TASKS]
-        rows.append((m.label, *cells, _stat(runs, _medical_average), len(runs)))
+        rows.append((m.label, *cells, _stat(runs, medical_average), len(runs)))
     header = ("Method", *(title for _, title in MEDICAL_TASKS), "Average", "Seeds")
     table1 = Table(1, "Table 1: Medical benchmarks", header, tuple(rows))
 
@@ -194,7 +250,7 @@ def tables(data: Collected) -> list[Table]:
                 m.label,
                 allocation.get("lower", MISSING),
                 allocation.get("higher", MISSING),
-                _stat(runs, _medical_average),
+                _stat(runs, medical_average),
                 len(runs),
             )
         )
@@ -215,7 +271,7 @@ def tables(data: Collected) -> list[Table]:
                 m.label,
                 Stat.of([None if trainable.mean is None else trainable.mean / scale]),
                 Stat.of([None if active.mean is None else active.mean / scale]),
-                _stat(runs, _medical_average),
+                _stat(runs, medical_average),
                 len(runs),
             )
         )
@@ -226,7 +282,148 @@ def tables(data: Collected) -> list[Table]:
         "(medmoe.adapters.parameter_counts); equal over seeds."
     )
     table4 = Table(4, "Table 4: Parameter efficiency", header, tuple(rows), params_note)
-    return [table1, table2, table3, table4]
+    return [table1, table2, table3, table4, *interference_tables(data), replay_table(data)]
+
+
+def interference_tables(data: Collected) -> list[Table]:
+    """Table 5 (joint vs single-task medical scores per family, paired gap) and, with an
+    ``ortho_lora`` method and LoRA single-task runs, Table 5b (Ortho-LoRA's gap recovery)."""
+    grid = data.grid
+    families = [m for m in grid.methods if not m.generated and single_tasks(grid, m.name)]
+    rows: list[tuple[Cell, ...]] = []
+    for m in families:
+        runs = single_tasks(grid, m.name)
+        joint = data.scores(m.name, medical_average)
+        single = single_task_average(data, m.name)
+        cells: list[Cell] = [m.label, Stat.of(list(joint.values())), Stat.of(list(single.values()))]
+        cells.append(paired_difference(joint, single))
+        for task, _ in MEDICAL_TASKS:
+            if task not in runs:
+                cells += [NOT_RUN, NOT_RUN]
+                continue
+            alone = data.scores(runs[task], task_score(task))
+            cells.append(Stat.of(list(alone.values())))
+            cells.append(paired_difference(data.scores(m.name, task_score(task)), alone))
+        cells.append(len(single))
+        rows.append(tuple(cells))
+    header = ("Method", "Joint Avg.", "Single-task Avg.", "Gap (joint - single)")
+    for _, title in MEDICAL_TASKS:
+        header += (f"{title} single", f"{title} gap")
+    header += ("Seeds",)
+    note = (
+        "Joint: the method's own row (all domain tasks together); single-task: per seed, the "
+        "mean over domain tasks of each task's score from a run trained on that task alone "
+        "with the same per-task budget. Gaps: paired differences over the seeds both have "
+        "(mean ± 95% CI half-width, t); negative = interference. Seeds: seeds with every "
+        "single-task run."
+    )
+    if not rows:
+        note = "No method of this grid has single-task runs (a `single_task:` section)."
+
+    table5 = Table(
+        5, "Table 5: Interference (joint vs single-task training)", header, tuple(rows), note
+    )
+    tables_ = [table5]
+    ortho = ortho_recovery(data)
+    if ortho is not None:
+        rows = [
+            (
+                grid.method(ORTHO).label,
+                ortho["joint"],
+                ortho["vs_lora"],
+                ortho["recovery"],
+                ortho["step_ratio"],
+                ortho["joint"].n,
+            )
+        ]
+        header = (
+            "Method",
+            "Joint Avg.",
+            "Δ vs LoRA joint",
+            "Gap recovery",
+            "Step-time ratio vs LoRA",
+            "Seeds",
+        )
+        note = (
+            "Gap recovery = (Ortho-LoRA joint − LoRA joint) / (LoRA single-task − LoRA joint) on "
+            "the medical average, point estimate from the means; interval: 95% percentile "
+            f"bootstrap over seeds ({BOOTSTRAP_RESAMPLES} paired resamples, fixed RNG seed). "
+            "1 = the whole gap recovered; with few seeds a percentile bootstrap is narrower "
+            "than the true 95% interval. Step-time ratio: (fit_cpu_seconds / global_step) of "
+            "Ortho-LoRA over LoRA's, per seed, mean and t interval of the ratios."
+        )
+        tables_.append(
+            Table(
+                5,
+                "Table 5b: Ortho-LoRA's recovery of the interference gap",
+                header,
+                tuple(rows),
+                note,
+                ORTHO_CSV,
+                digits=(1, 1, 1, 2, 3, 1),
+            )
+        )
+    return tables_
+
+
+def ortho_recovery(data: Collected, family: str = "lora") -> dict[str, Stat] | None:
+    """Ortho-LoRA against ``family``'s joint and single-task runs (``None``: the grid has no
+    ``ortho_lora`` or no single-task runs of ``family``): ``joint``, ``vs_lora`` (paired
+    difference), ``gap`` (LoRA single − joint, paired), ``recovery`` (bootstrap interval),
+    ``step_ratio`` (paired ratio of step times)."""
+    if not data.has(ORTHO) or not data.has(family) or not single_tasks(data.grid, family):
+        return None
+    ortho = data.scores(ORTHO, medical_average)
+    joint = data.scores(family, medical_average)
+    single = single_task_average(data, family)
+    seeds = sorted(
+        s
+        for s in set(ortho) & set(joint) & set(single)
+        if None not in (ortho[s], joint[s], single[s])
+    )
+
+    def recovery(rows) -> float | None:
+        o, j, a = (statistics.fmean(r[i] for r in rows) for i in range(3))
+        return None if a == j else (o - j) / (a - j)
+
+    return {
+        "joint": Stat.of(list(ortho.values())),
+        "vs_lora": paired_difference(ortho, joint),
+        "gap": paired_difference(single, joint),
+        "recovery": bootstrap([(ortho[s], joint[s], single[s]) for s in seeds], recovery),
+        "step_ratio": paired_ratio(
+            data.per_seed(ORTHO, step_seconds), data.per_seed(family, step_seconds)
+        ),
+    }
+
+
+def replay_table(data: Collected) -> Table:
+    """Table 6: MMLU and GSM8K change against the base model and the medical average, per
+    family with a replay sweep, at each replay ratio (the sweep's and the grid's own)."""
+    grid = data.grid
+    base = data.base_scores
+    rows: list[tuple[Cell, ...]] = []
+    for m in grid.methods:
+        if m.generated:
+            continue
+        for ratio, name in replay_runs(grid, m.name):
+            cells: list[Cell] = [m.label, MISSING if ratio is None else f"{ratio:g}"]
+            for task, _ in GENERAL_TASKS:
+                cells.append(
+                    Stat.of(list(data.scores(name, task_delta(task, base)).values()), signed=True)
+                )
+            cells.append(Stat.of(list(data.scores(name, medical_average).values())))
+            cells.append(len(data.runs[name]))
+            rows.append(tuple(cells))
+    header = ("Method", "Replay ratio", *(f"{title} Δ" for _, title in GENERAL_TASKS))
+    header += ("Medical Avg.", "Seeds")
+    note = (
+        "Δ: change against the base model in points (the base is scored once; the interval is "
+        "over the trained runs' seeds). The grid's own ratio is the method's own row."
+    )
+    if not rows:
+        note = "No method of this grid has a replay sweep (a `replay_sweep:` section)."
+    return Table(6, "Table 6: Forgetting vs replay ratio", header, tuple(rows), note)
 
 
 def _format(cell: Cell, digits: int = 1) -> str:
@@ -240,24 +437,27 @@ def _format(cell: Cell, digits: int = 1) -> str:
 
 
 def to_markdown(table: Table) -> str:
-    rows = [[_format(c) for c in row] for row in table.rows]
+    digits = list(table.digits) + [1] * (len(table.header) - len(table.digits))
+    rows = [[_format(c, d) for c, d in zip(row, digits, strict=True)] for row in table.rows]
     return markdown_table(table.title, table.header, rows, table.note)
 
 
 def to_csv(table: Table) -> str:
-    """One column per value; a mean ± std column becomes ``<name>`` and ``<name> std``."""
+    """One column per value; a statistics column ``<name>`` becomes ``<name>`` (the mean),
+    ``<name> ci_low``, ``<name> ci_high`` (the 95% interval), ``<name> std`` and ``<name> n``."""
     stats = [any(isinstance(row[i], Stat) for row in table.rows) for i in range(len(table.header))]
     header: list[str] = []
     for name, is_stat in zip(table.header, stats, strict=True):
-        header += [name, f"{name} std"] if is_stat else [name]
+        header += [name, *(f"{name} {k}" for k in STAT_COLUMNS)] if is_stat else [name]
     lines = []
     for row in table.rows:
         line: list[str] = []
         for cell, is_stat in zip(row, stats, strict=True):
             if is_stat:
                 stat = cell if isinstance(cell, Stat) else Stat(None, None, 0)
-                line += [MISSING if stat.mean is None else f"{stat.mean:.2f}"]
-                line += ["" if stat.std is None else f"{stat.std:.2f}"]
+                line += [MISSING if stat.mean is None else f"{stat.mean:.4g}"]
+                line += [_number(v) for v in (stat.low, stat.high, stat.std)]
+                line.append(str(stat.n))
             elif isinstance(cell, float):
                 line.append(f"{cell:.6g}")
             else:
@@ -266,77 +466,11 @@ def to_csv(table: Table) -> str:
     return csv_table(header, lines)
 
 
-# ----------------------------------------------------------------- plots
-def _scatter(data: Collected, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base_scores = data.base["scores"] if data.base else None
-    points = []
-    for m in data.grid.methods:
-        if 2 not in m.tables or not data.runs[m.name]:
-            continue
-        runs = data.runs[m.name]
-        x = _stat(runs, lambda s: _forgetting(s, base_scores))
-        y = _stat(runs, _medical_average)
-        if x.mean is not None and y.mean is not None:
-            points.append((m.label, x, y))
-    if not points:
-        return None
-    figure, axes = plt.subplots(figsize=(7, 5))
-    for label, x, y in points:
-        axes.errorbar(
-            x.mean, y.mean, xerr=x.std or 0.0, yerr=y.std or 0.0, fmt="o", capsize=4, label=label
-        )
-    if base_scores is not None:
-        axes.scatter([0.0], [_medical_average(base_scores)], marker="*", s=150, c="k")
-        axes.annotate(
-            "Base Model",
-            (0.0, _medical_average(base_scores)),
-            xytext=(5, 5),
-            textcoords="offset points",
-        )
-    axes.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
-    axes.set_xlabel("General-task change vs base (mean Δ of MMLU and GSM8K, points)")
-    axes.set_ylabel("Medical average (%)")
-    axes.set_title("Domain performance vs forgetting (mean ± std over seeds)")
-    axes.legend(fontsize=8, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+STAT_COLUMNS = ("ci_low", "ci_high", "std", "n")
 
 
-def _allocation_bars(data: Collected, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [m for m in data.grid.methods if 3 in m.tables and data.runs[m.name]]
-    if not rows:
-        return None
-    series = [(title, lambda s, t=task: _pct(s, t)) for task, title in MEDICAL_TASKS]
-    series.append(("Average", _medical_average))
-    width = 0.8 / len(series)
-    figure, axes = plt.subplots(figsize=(max(6, 1.8 * len(rows)), 4.5))
-    for i, (title, value) in enumerate(series):
-        stats = [_stat(data.runs[m.name], value) for m in rows]
-        means = [s.mean if s.mean is not None else 0.0 for s in stats]
-        errors = [s.std or 0.0 for s in stats]
-        positions = [r + (i - (len(series) - 1) / 2) * width for r in range(len(rows))]
-        axes.bar(positions, means, width, yerr=errors, capsize=3, label=title)
-    axes.set_xticks(range(len(rows)))
-    axes.set_xticklabels([m.label for m in rows], fontsize=8)
-    axes.set_ylabel("Score (%)")
-    axes.set_title("Medical scores per expert allocation (mean ± std over seeds)")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
 
 
 # ----------------------------------------------------------------- files
@@ -352,7 +486,7 @@ def _runs_csv(data: Collected) -> str:
     ]
     for r in everything:
         scores = r["scores"]
-        average = _medical_average(scores)
+        average = medical_average(scores)
         writer.writerow(
             [r["method"], r.get("label", ""), "" if r["seed"] is None else r["seed"]]
             + [MISSING if t not in scores else f"{100 * scores[t]:.2f}" for t in tasks]
@@ -376,12 +510,12 @@ def _summary(data: Collected) -> dict[str, Any]:
         values = {
             t: _stat(runs, lambda s, t=t: _pct(s, t)) for t, _ in (*MEDICAL_TASKS, *GENERAL_TASKS)
         }
-        values["medical_avg"] = _stat(runs, _medical_average)
-        values["forgetting"] = _stat(runs, lambda s: _forgetting(s, base_scores))
+        values["medical_avg"] = _stat(runs, medical_average)
+        values["forgetting"] = _stat(runs, lambda s: forgetting(s, base_scores))
         methods[m.name] = {
             "label": m.label,
             "seeds": [r["seed"] for r in runs],
-            **{k: {"mean": v.mean, "std": v.std, "n": v.n} for k, v in values.items()},
+            **{k: _stat_dict(v) for k, v in values.items()},
             "trainable": _params(runs, "trainable").mean,
             "active": _params(runs, "active").mean,
             "fit_seconds": _mean_of(runs, "fit_seconds"),
@@ -398,14 +532,28 @@ def _summary(data: Collected) -> dict[str, Any]:
     }
 
 
+def _stat_dict(stat: Stat) -> dict[str, Any]:
+    return {
+        "mean": stat.mean,
+        "std": stat.std,
+        "ci_low": stat.low,
+        "ci_high": stat.high,
+        "n": stat.n,
+    }
+
+
 def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.fmean(values) if values else None
 
 
 def write_report(grid: Grid, out_dir: str | Path) -> list[Path]:
-    """Write ``tables.md``, the four CSVs, ``runs.csv``, ``summary.json`` and the two PNGs
-    into ``out_dir`` from whatever results exist there; returns the files written."""
+    """Write ``tables.md``, the tables' CSVs, ``runs.csv``, ``summary.json``, ``claims.md``
+    and the PNG plots into ``out_dir`` from whatever results exist there; returns the files
+    written (a plot without data to draw is skipped)."""
+    from medmoe.experiments.claims import claims_markdown, claims_summary
+    from medmoe.experiments.plots import PLOTS
+
     data = collect(grid, out_dir)
     out_dir = data.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -423,13 +571,18 @@ def write_report(grid: Grid, out_dir: str | Path) -> list[Path]:
     markdown.write_text("\n".join(parts))
     written.append(markdown)
     for table in built:
-        path = out_dir / CSV_FILES[table.number]
+        path = out_dir / (table.file or CSV_FILES[table.number])
         path.write_text(to_csv(table))
         written.append(path)
     (out_dir / RUNS_CSV).write_text(_runs_csv(data))
     written.append(out_dir / RUNS_CSV)
-    written.append(write_json(out_dir / SUMMARY_FILE, _summary(data)))
-    for plot, name in ((_scatter, SCATTER_PNG), (_allocation_bars, ALLOCATION_PNG)):
+    summary = _summary(data)
+    summary.update(claims_summary(data))  # "claims" and "checks"
+    written.append(write_json(out_dir / SUMMARY_FILE, summary))
+    claims = out_dir / CLAIMS_FILE
+    claims.write_text(claims_markdown(data))
+    written.append(claims)
+    for name, plot in PLOTS.items():
         path = plot(data, out_dir / name)
         if path is not None:
             written.append(path)
