@@ -197,7 +197,7 @@ CASES = [
             "--data.init_args.tokenizer",
             "byte",
         ),
-        ("260 tokens", "embeds 261", "allow_vocab_mismatch"),
+        ("260 tokens", "embeds 262", "allow_vocab_mismatch"),
     ),
     Case(
         "data_file_missing",

@@ -49,7 +49,7 @@ def test_names_groups_and_vocab():
     dm = MultiTaskDataModule()
     assert dm.task_names == ["medqa", "pubmedqa", "clinical_sum", "mmlu", "gsm8k"]
     assert dm.task_groups == ["domain"] * 3 + ["general"] * 2
-    assert dm.vocab_size == len(dm.tokenizer) == 261
+    assert dm.vocab_size == len(dm.tokenizer) == 262
     none = MultiTaskDataModule(tasks=[TaskConfig("medqa", **TOY)], replay=[])
     assert none.task_names == ["medqa"]
 
@@ -108,8 +108,8 @@ def test_long_prompts_lose_their_head_never_the_target():
             list("ABCD")
         )
         assert labels[-1] == tok.eos_token_id and (labels[:-2] == IGNORE_INDEX).all()
-    with pytest.raises(ValueError, match="'clinical_sum'.*does not fit max_length=6"):
-        toy_dm(tasks=[TaskConfig("clinical_sum", **TOY)], replay=[], max_length=6)
+    with pytest.raises(ValueError, match="'clinical_sum'.*does not fit max_length=4"):
+        toy_dm(tasks=[TaskConfig("clinical_sum", **TOY)], replay=[], max_length=4)
 
 
 def test_mixture_probabilities_and_replay_ratio_hold():

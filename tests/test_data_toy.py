@@ -90,8 +90,11 @@ def test_answers_follow_the_world():
         numbers = [int(w) for w in record["question"].split() if w.isdigit()]
         assert record["answer"].endswith(f"#### {sum(numbers)}")
     for record in toy_records("clinical_sum", "test", 30):
-        disease = next(d for d, (_, drug) in DISEASES.items() if f" {drug} " in record["text"])
-        assert f" with {disease} on " in record["summary"]
+        disease, on, drug, stop = record["summary"].split()  # "{disease} on {drug} ."
+        symptoms, treatment = DISEASES[disease]
+        noted = record["text"].split(" reports ")[1].rstrip(" .").split(" , ")
+        assert (on, stop, drug) == ("on", ".", treatment) and set(noted) <= set(symptoms)
+        assert drug not in record["text"]  # inferred, not copied
     for record in toy_records("pubmedqa", "test"):
         assert record["final_decision"] == _pubmedqa_decision(record)
     for record in toy_records("medqa", "test"):

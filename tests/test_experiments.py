@@ -30,6 +30,7 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_GRID = ROOT / "configs" / "experiments" / "toy_full.yaml"
+ALLOCATION_GRID = ROOT / "configs" / "experiments" / "toy_allocation.yaml"
 TINY = (
     "model.init_args.tiny_llama={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4,"
     " num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 128}"
@@ -52,29 +53,37 @@ def write_grid(folder: Path, **values) -> Path:
 
 
 # ----------------------------------------------------------------- grid files
-def test_full_grid_covers_every_method_and_three_seeds() -> None:
+def test_full_grid_covers_every_method_five_seeds_the_sweep_and_single_tasks() -> None:
     grid = load_grid(FULL_GRID)
-    assert set(grid.method_names) >= {
+    plain = [m.name for m in grid.methods if not m.generated]
+    assert plain == [
         "full_finetune",
         "lora",
         "multi_lora",
         "vanilla_moe_lora",
         "ortho_lora",
         "med_moe_lora",
-        "alloc_uniform",
-        "alloc_bottom_heavy",
-        "alloc_asymmetric",
-    }
-    assert len(grid.seeds) == 3
-    assert [m.name for m in grid.methods if 3 in m.tables and m.allocation] == [
+    ]
+    assert len(grid.seeds) >= 5 and grid.replay_ratio == 0.2
+    for family in ("lora", "full_finetune", "vanilla_moe_lora", "med_moe_lora"):
+        ratios = {m.replay_ratio for m in grid.family(family) if m.replay_ratio is not None}
+        assert ratios == {0.0, 0.05}, family
+    singles = [m for m in grid.family("lora") if m.single_task]
+    assert [m.single_task for m in singles] == ["medqa", "pubmedqa", "clinical_sum"]
+    assert len(grid.methods) == 6 + 8 + 3
+    quick = grid.quick()
+    assert len(quick.methods) == 2 and len(quick.seeds) == 1
+    assert quick.overrides["trainer.max_steps"] <= 5 and quick.eval.limit <= 8
+
+    allocation = load_grid(ALLOCATION_GRID)
+    assert [m.name for m in allocation.methods if 3 in m.tables and m.allocation] == [
         "med_moe_lora",
         "alloc_uniform",
         "alloc_bottom_heavy",
         "alloc_asymmetric",
     ]
-    quick = grid.quick()
-    assert len(quick.methods) == 2 and len(quick.seeds) == 1
-    assert quick.overrides["trainer.max_steps"] <= 5 and quick.eval.limit <= 8
+    assert allocation.seeds == grid.seeds
+    assert allocation.overrides == grid.overrides  # the headline's budget
 
 
 def test_missing_grid_and_missing_config_are_clear(tmp_path: Path) -> None:
@@ -239,8 +248,9 @@ def test_quick_grid_runs_scores_and_resumes(tmp_path: Path, capsys: pytest.Captu
     assert lora["global_step"] == 3 and lora["adapter"].endswith("LoRA")
     assert (out / "med_moe_lora/seed_0/adapter/adapter_model.safetensors").is_file()
     markdown = (out / "tables.md").read_text()
-    assert "Standard LoRA (r = 16)" in markdown and "Med-MoE-LoRA (Ours)" in markdown
-    for name in ("table1_medical.csv", "table2_general.csv", "table3_allocation.csv"):
+    assert "Standard LoRA (r = 4)" in markdown and "Med-MoE-LoRA (Ours)" in markdown
+    assert not (out / "table3_allocation.csv").exists()  # no allocation rows in this grid
+    for name in ("table1_medical.csv", "table2_general.csv"):
         assert (out / name).stat().st_size > 0
     assert (out / "table4_params.csv").read_text().count("\n") == 3  # header + 2 methods
     assert (out / "domain_vs_forgetting.png").stat().st_size > 1000

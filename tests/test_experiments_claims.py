@@ -119,7 +119,7 @@ def _grid(folder: Path) -> Path:
             {"name": "med_moe_lora", "tables": [1, 2, 3, 4], "allocation": {"lower": "2"}},
         ],
         "replay_sweep": {"methods": ["lora"], "ratios": [0.0, 0.05]},
-        "single_task": {"methods": ["lora"], "max_steps": 10},
+        "single_task": {"methods": ["lora"], "overrides": {"data.init_args.batch_size": 11}},
     }
     path = folder / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))

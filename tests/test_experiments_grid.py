@@ -39,7 +39,7 @@ def test_replay_sweep_and_single_task_generate_runs(tmp_path: Path) -> None:
         write_grid(
             tmp_path,
             replay_sweep={"methods": ["lora", "med_moe_lora"], "ratios": [0.0, 0.05]},
-            single_task={"methods": ["lora"], "max_steps": 10},
+            single_task={"methods": ["lora"], "overrides": {"data.init_args.batch_size": 11}},
         )
     )
     assert grid.replay_ratio == 0.2  # demo.yaml's own ratio: the plain rows
@@ -64,8 +64,8 @@ def test_replay_sweep_and_single_task_generate_runs(tmp_path: Path) -> None:
     assert tasks == [  # demo.yaml's own entry for the task, alone
         {"name": "pubmedqa", "source": "toy", "prompt_style": "toy", "max_eval": 64}
     ]
-    steps = [a for a in spec.cli_args if a.startswith("--trainer.max_steps=")]
-    assert steps == ["--trainer.max_steps=10"]  # the per-task budget replaces the grid's
+    assert _arg(spec, "data.init_args.batch_size") == "11"  # the per-task budget
+    assert _arg(spec, "trainer.max_steps") == "30"  # the joint run's steps
     assert spec.run_dir == (tmp_path / "out" / "lora-single-pubmedqa" / "seed_3").resolve()
 
 
@@ -76,8 +76,8 @@ def test_replay_sweep_and_single_task_generate_runs(tmp_path: Path) -> None:
         ({"replay_sweep": {"methods": ["lora"], "ratios": [1.5]}}, r"ratios in \[0, 1\)"),
         ({"replay_sweep": {"methods": ["dora"], "ratios": [0.0]}}, "unknown method 'dora'"),
         ({"replay_sweep": {"methods": ["lora"], "rates": [0.0]}}, "unknown key"),
-        ({"single_task": {"methods": ["lora"]}}, "max_steps must be a positive integer"),
-        ({"single_task": {"methods": ["x"], "max_steps": 5}}, "unknown method 'x'"),
+        ({"single_task": {"methods": ["lora"]}}, "overrides must set the per-task budget"),
+        ({"single_task": {"methods": ["x"], "overrides": {"a.b": 1}}}, "unknown method 'x'"),
     ],
 )
 def test_bad_generated_sections_are_named(tmp_path: Path, section: dict, message: str) -> None:

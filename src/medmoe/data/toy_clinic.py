@@ -16,8 +16,8 @@ pubmedqa      ``qiaojin/PubMedQA``         yes/no/maybe by a rule over the whole
                                            definite outcome for the asked symptom in 30+
                                            patients decides; a hedged outcome, a smaller
                                            trial or another symptom measured is maybe
-clinical_sum  the MIMIC-III export schema  a short note -> a summary naming age, sex, the
-                                           disease (inferred from the drug) and the drug
+clinical_sum  the MIMIC-III export schema  a note (age, sex, 2 symptoms) -> its assessment
+                                           and plan, "{disease} on {drug}", both inferred
 ============  ===========================  ===============================================
 
 MMLU-format records have 4 options: the answer and 3 random distractors, listed in a fixed
@@ -30,6 +30,7 @@ The medical tasks are built to leave headroom and to compete (docs/results/READM
 measurements): the MedQA-format presentation shows 2 of 4 symptoms, so one pair fits two
 diseases of a group (:func:`medqa_bayes_accuracy`: 98.6%); the PubMedQA-format rule needs
 three facts of the context and the question (reading the outcome words alone scores ~77%);
+the summary has nothing to copy (ROUGE-L of a wrong disease and drug: 1/3, the word "on");
 MedQA-format questions and MMLU-format questions share the ``Question: .. A. .. Answer:``
 format and its letters, so learning diagnoses can overwrite the quiz.
 
@@ -131,8 +132,11 @@ POWERED_TRIAL = 30  # a definite outcome from this many patients or more decides
 OUTCOMES: dict[str, str] = {"yes": "reduced", "no": "did not reduce", "maybe": "may have reduced"}
 
 MEDQA_TEMPLATE = "A {age} year old {sex} has {s1} , {s2} . What is the most likely diagnosis ?"
-NOTE_TEMPLATE = "A {age} year old {sex} reports {s1} , {s2} . {pronoun} was started on {drug} ."
-SUMMARY_TEMPLATE = "{age} year old {sex} with {disease} on {drug} ."
+NOTE_TEMPLATE = "A {age} year old {sex} reports {s1} , {s2} ."
+SUMMARY_TEMPLATE = "{disease} on {drug} ."  # the assessment and plan: inferred, not copied
+# Words of earlier note and summary templates ("He was started on amoxicillin", "with"): kept
+# so the shipped toy base's vocabulary (and so its embeddings) stays the tokenizer's.
+RETIRED_WORDS = "was started on with"
 BACKGROUND_TEMPLATE = "{disease} often causes {s1} and {s2} ."
 RESULT_TEMPLATE = "In a trial of {n} patients with {disease} , {drug} {outcome} {symptom} ."
 PUBMED_QUESTION = "Does {drug} reduce {symptom} in {disease} ?"
@@ -151,7 +155,7 @@ def toy_vocabulary() -> list[str]:
     for disease, (symptoms, drug) in DISEASES.items():
         texts += [disease, disease.capitalize(), drug, drug.capitalize(), *symptoms]
     texts += [str(a) for a in AGES] + [str(n) for n in TRIAL_SIZES] + [*SEXES, *SEXES.values()]
-    texts += [MEDQA_TEMPLATE, NOTE_TEMPLATE, SUMMARY_TEMPLATE, BACKGROUND_TEMPLATE]
+    texts += [MEDQA_TEMPLATE, NOTE_TEMPLATE, RETIRED_WORDS, SUMMARY_TEMPLATE, BACKGROUND_TEMPLATE]
     texts += [RESULT_TEMPLATE, PUBMED_QUESTION, LONG_ANSWER, *OUTCOMES.values(), COPY_WORD]
     words: dict[str, None] = {}
     for text in texts:
@@ -269,8 +273,8 @@ def make_pubmedqa(rng: random.Random) -> tuple[str, Record]:
 def make_clinical_sum(rng: random.Random) -> tuple[str, Record]:
     disease, (s1, s2), age, sex = _patient(rng)
     drug = DISEASES[disease][1]
-    text = NOTE_TEMPLATE.format(age=age, sex=sex, s1=s1, s2=s2, pronoun=SEXES[sex], drug=drug)
-    summary = SUMMARY_TEMPLATE.format(age=age, sex=sex, disease=disease, drug=drug)
+    text = NOTE_TEMPLATE.format(age=age, sex=sex, s1=s1, s2=s2)
+    summary = SUMMARY_TEMPLATE.format(disease=disease, drug=drug)
     return text, {"note_id": "", "text": text, "summary": summary}
 
 

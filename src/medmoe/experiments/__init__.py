@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from medmoe.experiments.cli import main
     from medmoe.experiments.grid import EvalSettings, Grid, GridError, Method, load_grid
-    from medmoe.experiments.report import collect, tables, write_report
+    from medmoe.experiments.output import write_report
+    from medmoe.experiments.report import collect, tables
     from medmoe.experiments.runner import GridOutcome, RunOutcome, plan_runs, run_grid, run_spec
     from medmoe.experiments.worker import RunSpec, execute, score_trained
 
@@ -36,7 +37,7 @@ _EXPORTS = {
     "load_grid": "grid",
     "collect": "report",
     "tables": "report",
-    "write_report": "report",
+    "write_report": "output",
     "GridOutcome": "runner",
     "RunOutcome": "runner",
     "plan_runs": "runner",

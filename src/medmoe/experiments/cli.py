@@ -159,10 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = 1
             for failed in outcome.failed:
                 print(f"failed: {failed.spec.run_dir} ({failed.error.splitlines()[0]})")
-    from medmoe.experiments.report import write_report  # matplotlib, medmoe.callbacks
+    from medmoe.experiments.output import write_report  # matplotlib, medmoe.callbacks
 
-    # the report covers the whole grid: runs left out by --methods / --seeds read "n/a"
-    for path in write_report(whole, out_dir):
+    # the report covers every method of the grid (runs left out by --methods read "n/a") over
+    # the seeds run: --seeds 100,101 reports those seeds, not the grid file's
+    for path in write_report(whole.select(seeds=grid.seeds), out_dir):
         print(f"wrote {path}")
     for name in ("tables.md", "claims.md"):
         markdown = Path(out_dir) / name

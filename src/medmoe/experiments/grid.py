@@ -18,6 +18,12 @@ A grid is a YAML file (see ``configs/experiments/``)::
         overrides: {}                    # dotted keys for this method only
         tables: [1, 2, 4]                # the paper tables the method appears in
         allocation: {lower: "N = 4", higher: "N = 4"}  # Table 3 cells (with 3 in tables)
+    replay_sweep:                        # forgetting vs replay: more runs of these methods
+      methods: [lora]                    #   -> method "lora-replay0.05" (family "lora")
+      ratios: [0.0, 0.05]                # besides the grid's own ratio (the method's own row)
+    single_task:                         # interference: one run per domain task, alone
+      methods: [lora]                    #   -> "lora-single-medqa", ... (family "lora")
+      overrides: {data.init_args.batch_size: 11}  # the per-task budget
     quick:                               # --quick: a tiny version for tests and smoke runs
       methods: [lora, med_moe_lora]
       seeds: [0]
@@ -62,10 +68,9 @@ _GRID_KEYS |= {"quick", "replay_sweep", "single_task"}
 _METHOD_KEYS = {"name", "label", "configs", "overrides", "tables", "allocation"}
 _QUICK_KEYS = {"methods", "seeds", "overrides", "eval"}
 _SWEEP_KEYS = {"methods", "ratios"}
-_SINGLE_KEYS = {"methods", "max_steps"}
+_SINGLE_KEYS = {"methods", "overrides"}
 REPLAY_KEY = "data.init_args.replay_ratio"
 TASKS_KEY = "data.init_args.tasks"
-STEPS_KEY = "trainer.max_steps"
 
 
 class GridError(ValueError):
@@ -338,13 +343,15 @@ def _replay_sweep(
 def _single_task(
     spec: Any, methods: Sequence[Method], task_entries: Sequence[Any], where: str
 ) -> list[Method]:
-    """``single_task: {methods, max_steps}``: each method once per domain task, that task alone."""
+    """``single_task: {methods, overrides}``: each method once per domain task, that task
+    alone, with ``overrides`` (the per-task budget, e.g. the batch size times the task's share
+    of the joint run's domain samples) on top of the method's own."""
     _check_keys(spec, _SINGLE_KEYS, where)
-    steps = spec.get("max_steps")
-    if not isinstance(steps, int) or steps < 1:
+    budget = _overrides(spec.get("overrides"), f"{where}.overrides")
+    if not budget:
         raise GridError(
-            f"{where}.max_steps must be a positive integer (the joint run's steps x the task's "
-            f"share of the domain samples), got {steps!r}"
+            f"{where}.overrides must set the per-task budget (for example "
+            "data.init_args.batch_size: the joint batch x the task's share), got nothing"
         )
     entries = [e if isinstance(e, Mapping) else {"name": e} for e in task_entries]
     if not entries:
@@ -364,7 +371,7 @@ def _single_task(
                     method,
                     name=f"{name}-single-{task}",
                     label=f"{method.label}, {task} alone",
-                    overrides={**method.overrides, TASKS_KEY: [dict(entry)], STEPS_KEY: steps},
+                    overrides={**method.overrides, TASKS_KEY: [dict(entry)], **budget},
                     tables=(),
                     allocation=None,
                     family=name,

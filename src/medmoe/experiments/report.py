@@ -32,9 +32,9 @@ from medmoe.experiments.stats import (
     paired_difference,
     paired_ratio,
 )
-from medmoe.experiments.worker import read_results, write_json
+from medmoe.experiments.worker import read_results
 
-__all__ = ["Collected", "Stat", "Table", "collect", "settings_note", "tables", "write_report"]
+__all__ = ["Collected", "Stat", "Table", "collect", "settings_note", "tables"]
 
 MARKDOWN_FILE = "tables.md"
 CSV_FILES = {
@@ -282,7 +282,8 @@ def tables(data: Collected) -> list[Table]:
         "(medmoe.adapters.parameter_counts); equal over seeds."
     )
     table4 = Table(4, "Table 4: Parameter efficiency", header, tuple(rows), params_note)
-    return [table1, table2, table3, table4, *interference_tables(data), replay_table(data)]
+    paper = [t for t in (table1, table2, table3, table4) if t.rows]  # a grid's own tables only
+    return [*paper, *interference_tables(data), replay_table(data)]
 
 
 def interference_tables(data: Collected) -> list[Table]:
@@ -474,7 +475,7 @@ def _number(value: float | None) -> str:
 
 
 # ----------------------------------------------------------------- files
-def _runs_csv(data: Collected) -> str:
+def runs_csv(data: Collected) -> str:
     tasks = [t for t, _ in (*MEDICAL_TASKS, *GENERAL_TASKS)]
     header = ["method", "label", "seed", *tasks, "medical_avg", "trainable", "active"]
     header += ["global_step", "fit_seconds", "eval_seconds", "fit_cpu_seconds"]
@@ -502,7 +503,7 @@ def _runs_csv(data: Collected) -> str:
     return buffer.getvalue()
 
 
-def _summary(data: Collected) -> dict[str, Any]:
+def summary_values(data: Collected) -> dict[str, Any]:
     base_scores = data.base["scores"] if data.base else None
     methods = {}
     for m in data.grid.methods:
@@ -545,45 +546,3 @@ def _stat_dict(stat: Stat) -> dict[str, Any]:
 def _mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.fmean(values) if values else None
-
-
-def write_report(grid: Grid, out_dir: str | Path) -> list[Path]:
-    """Write ``tables.md``, the tables' CSVs, ``runs.csv``, ``summary.json``, ``claims.md``
-    and the PNG plots into ``out_dir`` from whatever results exist there; returns the files
-    written (a plot without data to draw is skipped)."""
-    from medmoe.experiments.claims import claims_markdown, claims_summary
-    from medmoe.experiments.plots import PLOTS
-
-    data = collect(grid, out_dir)
-    out_dir = data.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    built = tables(data)
-    written = []
-    parts = [f"# {grid.name}\n"]
-    if grid.description:
-        parts.append(grid.description.strip() + "\n")
-    missing = data.missing()
-    parts.append(settings_note(grid) + "\n")
-    if missing:
-        parts.append(f"Runs without results (not run yet or failed): {', '.join(missing)}.\n")
-    parts += [to_markdown(t) for t in built]
-    markdown = out_dir / MARKDOWN_FILE
-    markdown.write_text("\n".join(parts))
-    written.append(markdown)
-    for table in built:
-        path = out_dir / (table.file or CSV_FILES[table.number])
-        path.write_text(to_csv(table))
-        written.append(path)
-    (out_dir / RUNS_CSV).write_text(_runs_csv(data))
-    written.append(out_dir / RUNS_CSV)
-    summary = _summary(data)
-    summary.update(claims_summary(data))  # "claims" and "checks"
-    written.append(write_json(out_dir / SUMMARY_FILE, summary))
-    claims = out_dir / CLAIMS_FILE
-    claims.write_text(claims_markdown(data))
-    written.append(claims)
-    for name, plot in PLOTS.items():
-        path = plot(data, out_dir / name)
-        if path is not None:
-            written.append(path)
-    return written

@@ -252,8 +252,9 @@ def _clock(seconds: float) -> str:
 
 
 class _Progress:
-    """``[done/total, elapsed, ~remaining]``: remaining = the mean wall time of the runs that
-    actually ran (not skipped ones) x the runs left / the runs going at once."""
+    """``[done/total, elapsed, ~remaining]``: remaining = the mean wall time of the trained
+    runs that actually ran (not skipped ones, not the base model's scoring) x the runs left /
+    the runs going at once."""
 
     def __init__(self, total: int, jobs: int) -> None:
         self.total, self.jobs, self.done = total, jobs, 0
@@ -262,7 +263,7 @@ class _Progress:
 
     def step(self, result: RunOutcome) -> str:
         self.done += 1
-        if result.status != "skipped":
+        if result.status != "skipped" and not result.spec.base:
             self.run_seconds.append(result.seconds)
         elapsed = time.perf_counter() - self.began
         left = self.total - self.done
