@@ -303,6 +303,17 @@ def _base_values(base: Sequence[Path]) -> dict[str, Any]:
     return merged
 
 
+def _named_methods(spec: Any, methods: Sequence[Method], where: str) -> list[Method]:
+    """The methods a generating section's ``methods:`` list names, in its order."""
+    by_name = {m.name: m for m in methods}
+    unknown = [n for n in spec.get("methods") or [] if n not in by_name]
+    if unknown:
+        raise GridError(
+            f"{where}.methods names unknown method {unknown[0]!r}; defined: {list(by_name)}"
+        )
+    return [by_name[n] for n in spec.get("methods") or []]
+
+
 def _replay_sweep(
     spec: Any, methods: Sequence[Method], own_ratio: float | None, where: str
 ) -> list[Method]:
@@ -316,14 +327,9 @@ def _replay_sweep(
             f"{where}.ratios repeats the grid's own replay ratio {own_ratio:g}: that run is "
             "each method's own row; list only the other ratios"
         )
-    by_name = {m.name: m for m in methods}
     generated = []
-    for name in spec.get("methods") or []:
-        if name not in by_name:
-            raise GridError(
-                f"{where}.methods names unknown method {name!r}; defined: {list(by_name)}"
-            )
-        method = by_name[name]
+    for method in _named_methods(spec, methods, where):
+        name = method.name
         for ratio in ratios:
             generated.append(
                 dataclasses.replace(
@@ -356,14 +362,9 @@ def _single_task(
     entries = [e if isinstance(e, Mapping) else {"name": e} for e in task_entries]
     if not entries:
         raise GridError(f"{where}: the base config lists no data.init_args.tasks to split")
-    by_name = {m.name: m for m in methods}
     generated = []
-    for name in spec.get("methods") or []:
-        if name not in by_name:
-            raise GridError(
-                f"{where}.methods names unknown method {name!r}; defined: {list(by_name)}"
-            )
-        method = by_name[name]
+    for method in _named_methods(spec, methods, where):
+        name = method.name
         for entry in entries:
             task = str(entry["name"])
             generated.append(
