@@ -405,6 +405,13 @@ def _lora_families(data: Collected, has: Callable[[str], bool]) -> list[str]:
     return [n for n in names if has(n)] or ["lora"]
 
 
+def _lora_score(data: Collected, task: str) -> Stat:
+    """Standard LoRA's score on ``task`` over its seeds (empty without LoRA runs)."""
+    if not data.has("lora"):
+        return Stat(None, None, 0)
+    return Stat.of(list(data.scores("lora", task_score(task)).values()))
+
+
 def checks(data: Collected) -> list[Check]:
     """The testbed's own targets (issue 14): interference gap and forgetting at the smallest
     nonzero replay ratio (each LoRA family that has single-task runs / a replay sweep), LoRA's
@@ -450,11 +457,7 @@ def checks(data: Collected) -> list[Check]:
         )
 
     for task, chance in CHANCE.items():
-        stat = (
-            Stat.of(list(data.scores("lora", task_score(task)).values()))
-            if data.has("lora")
-            else Stat(None, None, 0)
-        )
+        stat = _lora_score(data, task)
         ok = None if stat.mean is None else chance + HEADROOM <= stat.mean <= CEILING
         rows.append(
             Check(
@@ -465,11 +468,7 @@ def checks(data: Collected) -> list[Check]:
             )
         )
 
-    rouge = (
-        Stat.of(list(data.scores("lora", task_score("clinical_sum")).values()))
-        if data.has("lora")
-        else Stat(None, None, 0)
-    )
+    rouge = _lora_score(data, "clinical_sum")
     rows.append(
         Check(
             f"LoRA clinical_sum ROUGE-L at most {CEILING:g} (well below its ceiling of 100)",
