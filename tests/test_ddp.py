@@ -1,6 +1,6 @@
 """Two CPU processes under Lightning's DDP (gloo) against one process with the whole batch.
 
-Each test runs ``tests/ddp_run.py`` in a subprocess (Lightning starts the second rank), so the
+Each test runs ``tests/distributed_run.py`` in a subprocess (Lightning starts the second rank), so the
 distributed code paths really run: the per-rank data stream, DDP's gradient mean with the
 token-normalised loss, Ortho-LoRA's reduction before projection, per-rank RNG states in
 checkpoints, and the end of fit (which used to hang in AdapterExport's rank-zero-only
@@ -23,10 +23,10 @@ from medmoe.data.stream import TrainStream
 from medmoe.losses import IGNORE_INDEX, target_token_losses
 
 sys.path.insert(0, str(Path(__file__).parent))
-import ddp_run  # noqa: E402
+import distributed_run as ddp_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).parent / "ddp_run.py"
+SCRIPT = Path(__file__).parent / "distributed_run.py"
 WORLD = 2
 
 
@@ -164,7 +164,8 @@ def test_resume_under_ddp_continues_every_ranks_losses_exactly(tmp_path):
     assert len(saved) == WORLD and not torch.equal(saved[0]["torch"], saved[1]["torch"])
     resumed = _run(tmp_path / "resumed", *common, "--resume", str(checkpoint))
     for rank in range(WORLD):
-        full, again = uninterrupted[rank]["losses"], resumed[rank]["losses"]
+        # one micro-batch per step (no accumulation): {step: loss}
+        full, again = dict(uninterrupted[rank]["losses"]), dict(resumed[rank]["losses"])
         assert sorted(again) == [3, 4]
         for step in (3, 4):
             # The recorded loss agrees to float32 rounding (adapters compute in float32): on

@@ -10,7 +10,7 @@ backward; at Llama-3's vocabulary (128256) a full-sequence float32 copy would be
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -111,12 +111,15 @@ def target_token_losses(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             logits_to_keep=keep,
+            use_cache=False,  # no KV cache: a loss never generates (~2 GiB per 8 x 2048 at 8B)
         ).logits  # [M, V]
         flat_loss = F.cross_entropy(logits.float(), flat_targets, reduction="none")
     else:
         decoder, head = parts
         hidden = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,  # no KV cache: a loss never generates (~2 GiB per 8 x 2048 at 8B)
         ).last_hidden_state  # [B, T, H]
         width = hidden.shape[1]
         # index into [B, T-1] -> into [B * T] (row b, position t: b * T + t), no copy of hidden
@@ -191,9 +194,19 @@ class NonFiniteLossWatch:
         self._first = torch.where(bad & ~self._seen, values, self._first)
         self._seen = self._seen | bad
 
-    def raise_if_seen(self) -> None:
-        if self._seen is None or not bool(self._seen):
+    def raise_if_seen(self, any_rank: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Raise if a bad step was seen; with ``any_rank`` (a max-reduction over the ranks, a
+        collective every rank must call at the same point), on every rank when any saw one."""
+        seen = self._seen if self._seen is not None else torch.zeros((), dtype=torch.bool)
+        if any_rank is not None:
+            seen = any_rank(seen.float()) > 0
+        if not bool(seen):
             return
+        if self._seen is None or not bool(self._seen):
+            raise FloatingPointError(
+                "another rank's training loss is not finite (its error names the step); the "
+                "run stops on every rank and the last good checkpoint is kept"
+            )
         step, loss, task_loss = self._first.tolist()
         raise FloatingPointError(
             f"training loss is {loss} at global step {int(step)} (task loss {task_loss}); the "

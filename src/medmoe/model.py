@@ -157,6 +157,7 @@ class MedMoEModule(LightningModule):
         self._val_sums: Tensor | None = None
         self._resumed_rng_states: dict[str, Any] | None = None
         self._nonfinite = NonFiniteLossWatch()
+        self._engine_steps = 0  # DeepSpeed optimizer steps seen (train/grad_norm)
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -184,13 +185,6 @@ class MedMoEModule(LightningModule):
         self.model.train(self.training)  # from_pretrained returns eval mode: follow the module
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELoRALinear)]
         if self.hparams.gradient_projection == "ortho":
-            if self._trainer is not None and is_deepspeed(self._trainer.strategy):
-                raise ValueError(
-                    "gradient_projection='ortho' does not work under the DeepSpeed strategy: "
-                    "ZeRO moves gradients into its own buffers during backward, so the "
-                    "projection would never reach the optimizer. Use DDP "
-                    "(configs/multi_gpu/ddp.yaml) or one device for Ortho-LoRA"
-                )
             if len(self.task_names) < 2:
                 raise ValueError(
                     f"gradient_projection='ortho' needs at least 2 tasks, got task_names="
@@ -198,6 +192,16 @@ class MedMoEModule(LightningModule):
                 )
             self.ortho = OrthoLoRA(
                 self.model, len(self.task_names), order=self.hparams.projection_order
+            )
+
+    def setup(self, stage: str) -> None:
+        # here, not in configure_model: a model built before the Trainer existed skips that
+        if self.hparams.gradient_projection == "ortho" and is_deepspeed(self.trainer.strategy):
+            raise ValueError(
+                "gradient_projection='ortho' does not work under the DeepSpeed strategy: "
+                "ZeRO moves gradients into its own buffers during backward, so the "
+                "projection would never reach the optimizer. Use DDP "
+                "(configs/multi_gpu/ddp.yaml) or one device for Ortho-LoRA"
             )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -263,7 +267,7 @@ class MedMoEModule(LightningModule):
         self._nonfinite.record(self.global_step, loss, objective, losses["task_loss"])
         logs = self._should_log_step()
         if logs:
-            self._nonfinite.raise_if_seen()  # one host sync, on logging steps only
+            self._raise_if_nonfinite()  # one host sync, on logging steps only
         batch_size = batch["input_ids"].shape[0]
         for key in ("loss", "task_loss", "balance_loss", "kp_loss"):
             if key in losses:
@@ -290,6 +294,23 @@ class MedMoEModule(LightningModule):
             world_size=trainer.world_size if trainer is not None else 1,
         )
 
+    def _raise_if_nonfinite(self) -> None:
+        """Stop every rank when any rank saw a non-finite loss (a collective under DDP/ZeRO).
+
+        Raising on the one rank alone would leave the others waiting in their next collective
+        until the process-group timeout (30 min), with nothing saved.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            self._nonfinite.raise_if_seen()
+            return
+        device = self.device
+
+        def any_rank(flag: Tensor) -> Tensor:
+            return trainer.strategy.reduce(flag.to(device), reduce_op="max")
+
+        self._nonfinite.raise_if_seen(any_rank)
+
     def _should_log_step(self) -> bool:
         trainer = self._trainer
         every = trainer.log_every_n_steps if trainer is not None else 1
@@ -297,13 +318,41 @@ class MedMoEModule(LightningModule):
         return (self.global_step + 1) % max(every, 1) == 0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.ortho is None or not self.ortho.task_gradients.captured:
+        if self.ortho is not None and self.ortho.task_gradients.captured:
+            # Lightning calls this after unscaling fp16 gradients; the per-task buffers still
+            # carry the loss scale.
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            report = self.ortho.project(loss_scale=float(scaler.get_scale()) if scaler else 1.0)
+            self.log("ortho/conflict_fraction", report.conflict_fraction())
+        if not is_deepspeed(self.trainer.strategy):
+            self._log_grad_norm()
+
+    def _log_grad_norm(self) -> None:
+        """``train/grad_norm``: the global 2-norm of the gradient the optimizer step uses, before
+        clipping (after DDP's mean and any projection); on logging steps only."""
+        if not self._should_log_step():
             return
-        # Lightning calls this after unscaling fp16 gradients; the per-task buffers still
-        # carry the loss scale.
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        report = self.ortho.project(loss_scale=float(scaler.get_scale()) if scaler else 1.0)
-        self.log("ortho/conflict_fraction", report.conflict_fraction())
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self.log("train/grad_norm", norm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # DeepSpeed keeps the gradients in its own buffers: its engine reports the global norm
+        # (before clipping) of the step it just took.
+        strategy = self.trainer.strategy
+        if not is_deepspeed(strategy):
+            return
+        engine = strategy.deepspeed_engine
+        if engine.global_steps != self._engine_steps:
+            self._engine_steps = engine.global_steps
+            norm = engine.get_global_grad_norm()
+            # the step just taken is global_step - 1: log on the steps training_step logs
+            if (
+                norm is not None
+                and (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0
+            ):
+                self.log("train/grad_norm", float(norm))
 
     def on_validation_epoch_start(self) -> None:
         if self.ortho is not None:
@@ -376,7 +425,7 @@ class MedMoEModule(LightningModule):
         return {f"model.{name}" for name in self.adapter.adapter_tensors(self.model)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._nonfinite.raise_if_seen()  # never write a checkpoint after a NaN step
+        self._raise_if_nonfinite()  # never write a checkpoint after a NaN step
         keep = self.trainable_state_keys()
         state = checkpoint.get("state_dict")
         if state is not None:

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from medmoe.adapters.config import MoELoRAConfig
 from medmoe.adapters.inject import CONFIG_ATTRIBUTE
-from medmoe.adapters.moe_lora import MoELoRALinear
+from medmoe.adapters.moe_lora import MoELoRALinear, scalar_log_tau_as_vector
 from medmoe.adapters.state import ADAPTER_CONFIG, adapter_state_dict, save_adapter
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -281,6 +281,8 @@ def _set_tensor(layer: MoELoRALinear, name: str, value: Tensor, key: str) -> Non
     owner_name, _, attribute = name.rpartition(".")
     owner = layer.get_submodule(owner_name) if owner_name else layer
     expected = getattr(owner, attribute)
+    if name == "log_tau":
+        value = scalar_log_tau_as_vector(value)
     if value.numel() == 0 and expected.numel() > 0:
         raise ZeroCheckpointError(
             f"{key} is empty: a placeholder of a partitioned (ZeRO-3) checkpoint?"

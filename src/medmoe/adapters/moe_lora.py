@@ -166,6 +166,11 @@ def raw_log_tau_from_legacy(legacy: Tensor, tau_range: tuple[float, float]) -> T
     return torch.tensor(values, dtype=legacy.dtype).reshape(legacy.shape).to(legacy.device)
 
 
+def scalar_log_tau_as_vector(log_tau: Tensor) -> Tensor:
+    """A ``log_tau`` of the layer's shape ``[1]``: older files hold it 0-dim."""
+    return log_tau.reshape(1) if log_tau.dim() == 0 else log_tau
+
+
 class MoELoRALinear(AdapterLayer):
     """``h = W0 x + sum_i g_i(x) * (alpha_i / r_i) * B_i A_i x`` with ``g = softmax(W_g x / tau)``.
 
@@ -262,7 +267,9 @@ class MoELoRALinear(AdapterLayer):
         # tau in float64 for float64 layers, float32 otherwise (the router's precision)
         tau_dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
         raw = raw_log_tau_for(tau_init, self.tau_range)
-        log_tau = torch.tensor(raw, device=base.weight.device, dtype=tau_dtype)
+        # shape [1], not a 0-dim scalar: DeepSpeed byte-views every parameter when it broadcasts
+        # the model and FSDP2 refuses scalars (files with a 0-dim one load, _load_from_state_dict)
+        log_tau = torch.tensor([raw], device=base.weight.device, dtype=tau_dtype)
         if learn_tau:
             self.log_tau = nn.Parameter(log_tau)
         else:
@@ -286,6 +293,12 @@ class MoELoRALinear(AdapterLayer):
         self.total_rank = total_rank
         self.reset_adapter_parameters()
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = f"{prefix}log_tau"
+        if key in state_dict:  # a 0-dim log_tau of a file written before it became [1]
+            state_dict[key] = scalar_log_tau_as_vector(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_adapter_parameters(self) -> None:
         """A ~ Kaiming-uniform (each expert its own draw), B = 0, router as nn.Linear."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -303,7 +316,7 @@ class MoELoRALinear(AdapterLayer):
         float64 for float64 layers.
         """
         log_tau = self.log_tau if self.log_tau.dtype == torch.float64 else self.log_tau.float()
-        return soft_bounded_log_tau(log_tau, self.tau_range).exp()
+        return soft_bounded_log_tau(log_tau, self.tau_range).exp().reshape(())  # [1] -> 0-dim
 
     def expert(self, i: int) -> tuple[Tensor, Tensor]:
         """Views ``(A_i, B_i)`` of expert ``i`` with shapes [r_i, d_in] and [d_out, r_i]."""

@@ -19,7 +19,11 @@ from torch import Tensor, nn
 from medmoe.adapters.config import MoELoRAConfig
 from medmoe.adapters.inject import CONFIG_ATTRIBUTE, apply_moe_lora, moe_lora_layers
 from medmoe.adapters.layer import adapter_layers
-from medmoe.adapters.moe_lora import MoELoRALinear, raw_log_tau_from_legacy
+from medmoe.adapters.moe_lora import (
+    MoELoRALinear,
+    raw_log_tau_from_legacy,
+    scalar_log_tau_as_vector,
+)
 
 # The file names of every adapter medmoe writes (peft's names, so peft LoRA matches them).
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -120,6 +124,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRA
         )
     if not any(isinstance(m, MoELoRALinear) for m in model.modules()):
         apply_moe_lora(model, read_adapter_config(directory))
+    saved = {
+        key: scalar_log_tau_as_vector(value) if key.endswith(".log_tau") else value
+        for key, value in saved.items()
+    }
     if parametrisation == "legacy_clamp":
         saved = convert_legacy_log_tau(saved, model)
     copy_matching_tensors(adapter_state_dict(model), saved, weights_path)
