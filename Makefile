@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel lies on disk on the project's machines; on a GPU machine pick the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,11 @@ format: install
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
+# The wheels benchmarks/gpu_check.sh carries to a GPU machine without an index, built from
+# scratch into .whl/ (DeepSpeed against this venv's torch, no op compiled); prints each wheel's
+# size and the total. `bash benchmarks/gpu_check.sh --dry-run` then checks them.
+gpu-wheels: install
+	$(BIN)/python benchmarks/gpu_wheels.py build
+
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .whl gpu_check_out

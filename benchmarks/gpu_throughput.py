@@ -11,16 +11,23 @@ per variant and gradient-checkpointing mode, and times a full training step of:
 3. ``moe_lora``: medmoe's Med-MoE-LoRA with the paper's allocation (``MoELoRAConfig``
    defaults: layers 1-10 get 2 experts, layers 20-32 get 8, layers 11-19 follow eq 2; ranks
    cycle 8/16/32; one base expert; soft merging), and the loss of ``MedMoEModule``: task loss
-   + 0.01 x load balance (variance) + 0.01 x knowledge preservation. For a shape with L != 32
-   layers the two ranges are scaled to its depth (``1-round(10L/32)`` and
-   ``round(19L/32)+1 - L``).
+   + 0.01 x load balance (variance) + 0.01 x knowledge preservation (delta 0.5, med.yaml's).
+   For a shape with L != 32 layers the two ranges are scaled to its depth
+   (``1-round(10L/32)`` and ``round(19L/32)+1 - L``).
 4. ``ortho_lora``: peft LoRA of rank R with medmoe's Ortho-LoRA: the forward inside
    ``OrthoLoRA.capture(task_ids)`` (``--tasks`` tasks, default 3, sample b belongs to task
    b mod K), one backward that also yields every factor's per-task gradients, then
    ``OrthoLoRA.project()`` before the AdamW step.
 
-All adapters live in the model dtype (peft's fp32 autocast is switched off, as MoE-LoRA keeps
-its factors in the base dtype) with dropout ``--dropout`` (default 0.05, the paper's).
+Adapters are kept as ``configs/med.yaml`` trains them: on the bf16 base every adapter's
+factors are float32 (MoE-LoRA's ``adapter_dtype: float32``; peft's ``autocast_adapter_dtype``,
+its default, for LoRA and Ortho-LoRA), with dropout ``--dropout`` (default 0.05, the paper's).
+
+The task loss of every variant is medmoe's, the one ``MedMoEModule`` trains with
+(``medmoe.losses.target_token_losses``): the decoder's last hidden states, then the LM head on
+the positions whose next token is a target only, in chunks of rows, each under activation
+checkpointing (its float32 logits recomputed in backward), never transformers' loss over a
+[B, T, vocab] float32 copy of the logits. Here every next token is a target: M = B (T-1) rows.
 
 A step is forward + loss + backward (+ projection) + AdamW step on the trainable parameters;
 ``--warmup`` untimed steps, then the median of ``--steps`` timed steps (device synchronised
@@ -30,12 +37,15 @@ around each). Peak memory is ``torch.cuda.max_memory_allocated()`` over the time
 FLOP model (what "model FLOPs" means in the table; T = batch x seq tokens, s = seq, d = hidden,
 L = decoder layers, B = batch)::
 
-    N_base    = matmul parameters of the base: per layer q, k, v, o, gate, up, down
-                + lm_head (the embedding lookup is no matmul)
-    base fwd  = 2 N_base T + 4 L s^2 d B        (attention QK^T and PV over the full s x s
+    N_base    = matmul parameters of the base: N_layers (per layer q, k, v, o, gate, up,
+                down) + N_head (lm_head; the embedding lookup is no matmul)
+    M         = B (s-1), the rows the LM head runs on (the target positions)
+    base fwd  = 2 N_layers T + 2 N_head M + 4 L s^2 d B
+                                                 (attention QK^T and PV over the full s x s
                                                   square: the causal half that kernels may
                                                   skip is counted as used)
-    base bwd  = 2 N_base T + 8 L s^2 d B        (frozen weights: input gradients only, no
+    base bwd  = 2 N_layers T + 2 N_head M + 8 L s^2 d B
+                                                 (frozen weights: input gradients only, no
                                                   weight gradients; attention has no weights,
                                                   its backward is 2x its forward)
     adapter fwd = sum over adapted linears 2 T (sum_i r_i)(d_in + d_out)
@@ -44,15 +54,17 @@ L = decoder layers, B = batch)::
     ortho     = + sum over LoRA factors 2 T r (d_in + d_out)     (per-task gradient products,
                                                   the weight-gradient products once more);
                   Gram matrices and projection are O(F K^2 n) and not counted
-    recompute = base fwd + adapter fwd of the decoder layers again with gradient
-                checkpointing (not lm_head)
+    recompute = 2 N_head M: the LM head's chunks again (the loss checkpoints them)
+                + with gradient checkpointing: base fwd + adapter fwd of the decoder
+                layers again
 
     MFU = (base fwd + base bwd + adapter fwd + adapter bwd + ortho) / step time / peak
     HFU = MFU's FLOPs + recompute, over the same time and peak
 
-MFU does not count the recompute of gradient checkpointing (so checkpointing lowers MFU by
-the time it costs); HFU does. Peak: ``--peak-tflops`` (default 989, the dense bf16 Tensor-Core
-peak of an H100 SXM; H200 has the same). On CPU, MFU and HFU are shown as n/a.
+MFU does not count the recomputes (so checkpointing lowers MFU by the time it costs); HFU
+does. The float32 adapter matmuls count against the same bf16 peak. Peak: ``--peak-tflops``
+(default 989, the dense bf16 Tensor-Core peak of an H100 SXM; H200 has the same). On CPU, MFU
+and HFU are shown as n/a.
 
 Usage::
 
@@ -122,7 +134,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAMBDA_BALANCE = 0.01  # configs/med.yaml
 LAMBDA_KP = 0.01
-KP_DELTA = 0.1
+KP_DELTA = 0.5
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
@@ -183,7 +195,7 @@ def moe_config(num_layers: int, dropout: float):
 
     defaults = MoELoRAConfig()
     ranges = defaults.layer_ranges if num_layers == 32 else scaled_ranges(num_layers)
-    return MoELoRAConfig(layer_ranges=ranges, dropout=dropout)
+    return MoELoRAConfig(layer_ranges=ranges, dropout=dropout, adapter_dtype="float32")
 
 
 def llama_config(args: argparse.Namespace):
@@ -231,7 +243,7 @@ def peft_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config, autocast_adapter_dtype=False)
+    return get_peft_model(model, config, autocast_adapter_dtype=True)  # fp32 factors
 
 
 @dataclass
@@ -287,19 +299,22 @@ def count_flops(
     name: str, config, sites: list[tuple[int, int, int, int]], batch: int, seq: int, ckpt: bool
 ) -> FlopCount:
     tokens = batch * seq
+    rows = batch * (seq - 1)  # the LM head's: every next token is a target
     layers_params, head_params = base_matmul_params(config)
     attention_fwd = 4 * config.num_hidden_layers * seq**2 * config.hidden_size * batch
+    head_fwd = 2 * head_params * rows
     flops = FlopCount()
-    flops.base_fwd = 2 * (layers_params + head_params) * tokens + attention_fwd
-    flops.base_bwd = 2 * (layers_params + head_params) * tokens + 2 * attention_fwd
+    flops.base_fwd = 2 * layers_params * tokens + head_fwd + attention_fwd
+    flops.base_bwd = 2 * layers_params * tokens + head_fwd + 2 * attention_fwd
     low_rank = sum(2 * tokens * r * (d_in + d_out) for r, d_in, d_out, _ in sites)
     router = sum(2 * tokens * d_in * n for _, d_in, _, n in sites)
     flops.adapter_fwd = low_rank + router
     flops.adapter_bwd = 2 * flops.adapter_fwd
     if name == "ortho_lora":
         flops.ortho = low_rank
+    flops.recompute = head_fwd  # medmoe's loss checkpoints every chunk of the LM head
     if ckpt:
-        flops.recompute = 2 * layers_params * tokens + attention_fwd + flops.adapter_fwd
+        flops.recompute += 2 * layers_params * tokens + attention_fwd + flops.adapter_fwd
     return flops
 
 
@@ -337,19 +352,24 @@ class Runner:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if self.params else None
         generator = torch.Generator().manual_seed(args.seed + 1)
         vocab = SHAPES[args.shape]["vocab"]
-        self.input_ids = torch.randint(1, vocab, (args.batch, args.seq), generator=generator).to(
-            args.device
-        )
-        self.attention_mask = torch.ones_like(self.input_ids)
+        input_ids = torch.randint(1, vocab, (args.batch, args.seq), generator=generator)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": input_ids,  # every next token a target
+            # the flat [B, T-1] indices of the targets, on the host as the collate computes them
+            "target_index": torch.arange(args.batch * (args.seq - 1)),
+        }
+        self.batch = {k: v.to(args.device) for k, v in batch.items()}
         self.task_ids = (torch.arange(args.batch) % args.tasks).to(args.device)
         self.is_general = (torch.arange(args.batch) % 5 == 0).to(args.device)  # ~20% replay
         self.sites = adapter_sites(model)
 
     def loss(self) -> Tensor:
-        out = self.model(
-            input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.input_ids
-        )
-        loss = out.loss
+        from medmoe.losses import target_token_losses
+
+        token_loss, target_mask = target_token_losses(self.model, self.batch)
+        loss = token_loss.sum() / target_mask.sum().clamp_min(1)  # MedMoEModule's task loss
         if self.moe_layers:
             from medmoe.objectives import (
                 knowledge_preservation_loss,
@@ -358,7 +378,7 @@ class Runner:
             )
 
             probs = recorded_router_probs(self.moe_layers)
-            mask = self.attention_mask.bool()
+            mask = self.batch["attention_mask"].bool()
             loss = loss + LAMBDA_BALANCE * load_balance_loss(probs, mask, "variance")
             loss = loss + LAMBDA_KP * knowledge_preservation_loss(
                 probs,
@@ -474,8 +494,11 @@ def environment(args: argparse.Namespace, config) -> list[str]:
         f"({head_params:,} in lm_head)",
         f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens/step; "
         f"{args.warmup} warm-up + {args.steps} timed steps per variant (median)",
-        f"adapters in {args.dtype}, dropout {args.dropout}; MoE-LoRA loss adds "
-        f"{LAMBDA_BALANCE} x balance + {LAMBDA_KP} x knowledge preservation",
+        f"adapter factors in float32 on the {args.dtype} base (med.yaml's adapter_dtype, peft's "
+        f"autocast_adapter_dtype), dropout {args.dropout}",
+        "task loss medmoe.losses.target_token_losses (LM head on the B (s-1) target rows, in "
+        f"checkpointed chunks); MoE-LoRA adds {LAMBDA_BALANCE} x balance + {LAMBDA_KP} x "
+        "knowledge preservation",
     ]
     if "moe_lora" in args.variants:
         cfg = moe_config(config.num_hidden_layers, args.dropout)
@@ -498,13 +521,13 @@ def environment(args: argparse.Namespace, config) -> list[str]:
 
 FORMULA = [
     "model FLOPs = base fwd + base bwd + adapter fwd + adapter bwd (+ Ortho-LoRA products)",
-    "  base fwd = 2 N_base T + 4 L s^2 d B; base bwd = 2 N_base T + 8 L s^2 d B (input "
-    "gradients only)",
+    "  base fwd = 2 N_layers T + 2 N_head M + 4 L s^2 d B; base bwd = 2 N_layers T + "
+    "2 N_head M + 8 L s^2 d B (input gradients only; M = B (s-1) LM-head rows)",
     "  adapter fwd = sum 2 T (sum r_i)(d_in + d_out) + routers 2 T d_in N; adapter bwd = 2x",
     "  Ortho-LoRA adds sum 2 T r (d_in + d_out) for the per-task gradient products",
     "  attention counts the full s x s square (the causal half is counted as used)",
-    "MFU excludes the recompute of gradient checkpointing; HFU includes it "
-    "(+ base fwd of the decoder layers + adapter fwd)",
+    "MFU excludes the recomputes; HFU includes them: the LM head's checkpointed chunks "
+    "(2 N_head M) and, with gradient checkpointing, base fwd of the decoder layers + adapter fwd",
 ]
 
 
@@ -589,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "time/memory vs LoRA: ratio to peft LoRA r="
         f"{args.rank} with the same checkpointing; MFU = model FLOPs / step time / peak "
-        "(recompute not counted), HFU counts the recompute"
+        "(recomputes not counted), HFU counts the recomputes"
     )
     print()
     print("## Model FLOPs per step (TFLOP)")

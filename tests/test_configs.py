@@ -128,6 +128,9 @@ def _at(tree: dict[str, Any], path: tuple) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """``a`` (printed) holds what ``b`` (written) says; the printed mappings add defaults."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(key in a and _same(a[key], value) for key, value in b.items())
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):

@@ -558,7 +558,8 @@ def test_gpu_throughput_benchmark_reports_mfu(tmp_path):
     for row in rows:
         assert row["error"] is None
         assert 0.0 < row["mfu"] < 1.0 and row["peak_bytes"] > 0 and row["tokens_per_s"] > 0
-        assert row["hfu"] > row["mfu"] if row["checkpointing"] else row["hfu"] == row["mfu"]
+        # medmoe's loss recomputes its checkpointed LM-head chunks in backward: HFU > MFU always
+        assert row["hfu"] > row["mfu"]
 
 
 @pytest.mark.gpu
