@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medmoe.atomic import atomic_write_text
 from medmoe.experiments.claims import claims_markdown, claims_summary
 from medmoe.experiments.grid import Grid
 from medmoe.experiments.plots import PLOTS
@@ -34,7 +35,8 @@ __all__ = ["write_report"]
 def write_report(grid: Grid, out_dir: str | Path) -> list[Path]:
     """Write ``tables.md``, the tables' CSVs, ``runs.csv``, ``summary.json``, ``claims.md``
     and the PNG plots into ``out_dir`` from whatever results exist there; returns the files
-    written (a plot without data to draw is skipped)."""
+    written (a plot without data to draw is skipped). Every file is replaced whole
+    (:mod:`medmoe.atomic`): a failed write keeps the previous one."""
     data = collect(grid, out_dir)
     out_dir = data.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,19 +51,19 @@ def write_report(grid: Grid, out_dir: str | Path) -> list[Path]:
         parts.append(f"Runs without results (not run yet or failed): {', '.join(missing)}.\n")
     parts += [to_markdown(t) for t in built]
     markdown = out_dir / MARKDOWN_FILE
-    markdown.write_text("\n".join(parts))
+    atomic_write_text(markdown, "\n".join(parts))
     written.append(markdown)
     for table in built:
         path = out_dir / (table.file or CSV_FILES[table.number])
-        path.write_text(to_csv(table))
+        atomic_write_text(path, to_csv(table))
         written.append(path)
-    (out_dir / RUNS_CSV).write_text(runs_csv(data))
+    atomic_write_text(out_dir / RUNS_CSV, runs_csv(data))
     written.append(out_dir / RUNS_CSV)
     summary = summary_values(data)
     summary.update(claims_summary(data))  # "claims" and "checks"
     written.append(write_json(out_dir / SUMMARY_FILE, summary))
     claims = out_dir / CLAIMS_FILE
-    claims.write_text(claims_markdown(data))
+    atomic_write_text(claims, claims_markdown(data))
     written.append(claims)
     for name, plot in PLOTS.items():
         path = plot(data, out_dir / name)

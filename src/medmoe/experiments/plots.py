@@ -8,10 +8,12 @@ medical average per family, plus Ortho-LoRA).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medmoe.atomic import atomic_write_bytes
 from medmoe.callbacks.table_format import GENERAL_TASKS, MEDICAL_TASKS
 from medmoe.experiments.report import (
     ORTHO,
@@ -56,10 +58,12 @@ def _stat(data: Collected, name: str, value: Callable[[dict[str, float]], float 
 
 
 def _save(figure: Any, plt: Any, path: Path) -> Path:
+    """The PNG rendered in memory, then replaced whole (a failed write keeps the previous)."""
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
     plt.close(figure)
-    return path
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def scatter(data: Collected, path: Path) -> Path | None:

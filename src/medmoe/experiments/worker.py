@@ -14,12 +14,12 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medmoe.atomic import atomic_write_text
 from medmoe.experiments.grid import EvalSettings
 
 __all__ = [
@@ -91,19 +91,9 @@ class RunSpec:
 
 
 def write_json(path: Path, values: dict[str, Any]) -> Path:
-    """Write JSON atomically (a temporary sibling renamed over ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(values, stream, indent=2, sort_keys=True)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON whole or not at all (:func:`medmoe.atomic.atomic_write_text`)."""
+    text = json.dumps(values, indent=2, sort_keys=True) + "\n"
+    return atomic_write_text(path, text)
 
 
 def read_results(run_dir: str | os.PathLike) -> dict[str, Any] | None:
