@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 format: install
 	$(BIN)/ruff check --fix src tests benchmarks

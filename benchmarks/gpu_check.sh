@@ -80,7 +80,7 @@ step ds_ops setup 70 "$PY" -c "import torch; from deepspeed.ops.adam import Deep
 DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))]); print('CPU Adam loaded')"
 
 # ---------------------------------------------------------------- 2. tests and rehearsal
-step pytest_gpu pytest_gpu 170 "$PY" -m pytest -m gpu -v -rA --durations=0 -p no:cacheprovider \
+step pytest_gpu pytest_gpu 155 "$PY" -m pytest -m gpu -v -rA --durations=0 -p no:cacheprovider \
   "${GPU_TESTS[@]}"
 # med.yaml as the paper runs it (ZeRO-2, CPU-offloaded Adam, bf16-mixed, accumulation 4) with
 # the rehearsal's toy base, data and step counts, on one GPU (its logs go to runs/rehearsal)
@@ -88,8 +88,8 @@ step rehearsal rehearsal 75 "$PY" -m medmoe fit --config configs/med.yaml \
   --config configs/rehearsal/cpu.yaml --trainer.accelerator gpu --trainer.devices 1
 
 # ---------------------------------------------------------------- 3. memory and speed
-step memory memory 75 "$PY" benchmarks/memory.py --shape llama3-8b --vocab 128256 --batch 4 \
-  --seq 2048 --device cuda --variants ckpt zero2_offload peft_lora --json "$DEST/memory.json"
+step memory memory 90 "$PY" benchmarks/memory.py --shape llama3-8b --vocab 128256 --batch 4 \
+  --seq 2048 --device cuda --variants ckpt zero2_offload fsdp2 peft_lora --json "$DEST/memory.json"
 step throughput throughput 65 "$PY" benchmarks/gpu_throughput.py --shape llama3-8b --batch 4 \
   --seq 2048 --checkpointing on --warmup 1 --steps 3 --json "$DEST/throughput.json"
 

@@ -1,4 +1,4 @@
-"""Peak memory of one training step through ``MedMoEModule``, side by side for six variants.
+"""Peak memory of one training step through ``MedMoEModule``, side by side for seven variants.
 
 For a Llama shape given on the command line (random weights, no download), one run measures:
 
@@ -15,7 +15,10 @@ For a Llama shape given on the command line (random weights, no download), one r
    for ``--dtype bfloat16``), the optimizer state on the device, as
    ``configs/multi_gpu/deepspeed_zero2.yaml``;
 6. ``zero2_offload``: the same with the optimizer offloaded to the CPU (DeepSpeed's CPU Adam),
-   as ``configs/med.yaml``.
+   as ``configs/med.yaml``;
+7. ``fsdp2``: ``ckpt`` under ``Trainer.fit`` with ``medmoe.strategies.FSDP2Strategy``, as
+   ``configs/multi_gpu/fsdp2.yaml`` (one device here: the path's overhead; the sharding saves
+   memory only across devices, docs/multi_gpu.md gives the arithmetic for 8).
 
 Med-MoE-LoRA uses the paper's allocation scaled to the depth (layers ``1..round(10L/32)``: 2
 experts, ``round(19L/32)+1..L``: 8, eq 2 between; ranks cycle 8/16/32; one base expert) and
@@ -61,8 +64,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("no_ckpt", "ckpt", "ckpt_full_vocab", "peft_lora", "zero2", "zero2_offload")
-TRAINER_VARIANTS = ("zero2", "zero2_offload")
+VARIANTS = ("no_ckpt", "ckpt", "ckpt_full_vocab", "peft_lora", "zero2", "zero2_offload", "fsdp2")
+TRAINER_VARIANTS = ("zero2", "zero2_offload", "fsdp2")
 LABELS = {
     "no_ckpt": "Med-MoE-LoRA, no checkpointing",
     "ckpt": "Med-MoE-LoRA, checkpointing",
@@ -70,6 +73,7 @@ LABELS = {
     "peft_lora": "peft LoRA r={rank}, checkpointing",
     "zero2": "checkpointing, Trainer + ZeRO-2",
     "zero2_offload": "checkpointing, Trainer + ZeRO-2, CPU-offloaded Adam",
+    "fsdp2": "checkpointing, Trainer + FSDP2",
 }
 SHAPES = {
     "llama3-8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8),
@@ -266,7 +270,7 @@ def measure_trainer(args: argparse.Namespace, variant: str) -> dict:
     from lightning.pytorch import Callback, LightningModule, Trainer
     from torch.utils.data import DataLoader
 
-    from medmoe.strategies import DeepSpeedStrategy
+    from medmoe.strategies import DeepSpeedStrategy, FSDP2Strategy
 
     device = torch.device(args.device)
     meter = PeakMeter(device)
@@ -297,12 +301,15 @@ def measure_trainer(args: argparse.Namespace, variant: str) -> dict:
 
     module = build_module(args, variant)
     result["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    strategy = DeepSpeedStrategy(
-        stage=2,
-        offload_optimizer=variant == "zero2_offload",
-        exclude_frozen_parameters=True,
-        logging_batch_size_per_gpu=args.batch,
-    )
+    if variant == "fsdp2":
+        strategy = FSDP2Strategy()
+    else:
+        strategy = DeepSpeedStrategy(
+            stage=2,
+            offload_optimizer=variant == "zero2_offload",
+            exclude_frozen_parameters=True,
+            logging_batch_size_per_gpu=args.batch,
+        )
     trainer = Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=[device.index] if device.index is not None else 1,

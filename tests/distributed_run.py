@@ -1,6 +1,6 @@
-"""A short fit of a tiny Llama on 2 CPU processes: Lightning's DDP (gloo) or medmoe's DeepSpeed.
+"""A short fit of a tiny Llama on 2 CPU processes: Lightning's DDP (gloo), DeepSpeed or FSDP2.
 
-    python tests/distributed_run.py OUT --devices 2 [--strategy ddp|deepspeed]
+    python tests/distributed_run.py OUT --devices 2 [--strategy ddp|deepspeed|fsdp2]
         [--precision 64-true|32-true|bf16-mixed] [--offload] [--method moe|multi_lora|full]
         [--ortho] [--max-steps N] [--accumulate A] [--clip C] [--dropout P]
         [--checkpoint-every K] [--resume CKPT] [--nan-at RANK:STEP] [--fail-at RANK:STEP]
@@ -91,6 +91,15 @@ def perturb_b(module: MedMoEModule) -> None:
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
 
 
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters, whole (FSDP2's shards gathered)."""
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
 class Record(Callback):
     def __init__(self, out: Path, reseed: bool) -> None:
         self.out = out
@@ -103,12 +112,10 @@ class Record(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.reseed:  # distinct dropout streams per rank (the module restores on resume)
             torch.manual_seed(1000 + trainer.global_rank)
-        if trainer.global_rank == 0 and trainer.global_step == 0:
-            state = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
-            torch.save(
-                {n: state[n] for n, p in pl_module.model.named_parameters() if p.requires_grad},
-                self.out / "init.pt",
-            )
+        if trainer.global_step == 0:
+            trainable = trainable_tensors(pl_module.model)  # a collective under FSDP2
+            if trainer.global_rank == 0:
+                torch.save(trainable, self.out / "init.pt")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batches.append({k: v.clone() for k, v in batch.items()})
@@ -120,17 +127,13 @@ class Record(Callback):
             # after the first optimizer step: DDP's mean, the projection, then the step (the
             # gradients are zeroed only when the next step begins)
             self.grads = {
-                n: p.grad.detach().clone()
+                n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
                 for n, p in pl_module.model.named_parameters()
                 if p.grad is not None
             }
 
     def on_train_end(self, trainer, pl_module) -> None:
-        final = {
-            n: p.detach().float().clone()
-            for n, p in pl_module.model.named_parameters()
-            if p.requires_grad
-        }
+        final = {n: t.float() for n, t in trainable_tensors(pl_module.model).items()}
         dtypes = {n: p.dtype for n, p in pl_module.model.named_parameters() if p.requires_grad}
         record = {
             "batches": self.batches,
@@ -140,14 +143,14 @@ class Record(Callback):
             "dtypes": dtypes,
         }
         torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
+        batch = self.batches[0]
+        pl_module.model.eval()
+        with torch.no_grad():  # on every rank: under FSDP2 the forward is a collective
+            pl_module.adapter.prepare_batch(pl_module.model, batch)  # multi-LoRA: task ids
+            logits = pl_module.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
         if trainer.global_rank == 0:
-            batch = self.batches[0]
-            pl_module.model.eval()
-            with torch.no_grad():
-                pl_module.adapter.prepare_batch(pl_module.model, batch)  # multi-LoRA: task ids
-                logits = pl_module.model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
             torch.save(logits.float(), self.out / "logits.pt")
 
 
@@ -214,6 +217,10 @@ def make_strategy(args: argparse.Namespace):
             exclude_frozen_parameters=True,
             logging_batch_size_per_gpu=BATCH_SIZE,
         )
+    if args.strategy == "fsdp2":
+        from medmoe.strategies import FSDP2Strategy
+
+        return FSDP2Strategy()
     if args.devices > 1:
         return DDPStrategy(process_group_backend="gloo")
     return "auto"
@@ -223,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--strategy", choices=["ddp", "deepspeed"], default="ddp")
+    parser.add_argument("--strategy", choices=["ddp", "deepspeed", "fsdp2"], default="ddp")
     parser.add_argument("--precision", default="64-true")
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--method", choices=["moe", "multi_lora", "full"], default="moe")

@@ -60,6 +60,7 @@ STACKS = {
     "med": (MED,),
     "med+ddp": (MED, FRAGMENTS / "ddp.yaml"),
     "med+deepspeed_zero2": (MED, FRAGMENTS / "deepspeed_zero2.yaml"),
+    "med+fsdp2": (MED, FRAGMENTS / "fsdp2.yaml"),
 }
 
 
@@ -73,8 +74,8 @@ def test_configs_parse_with_the_cli_and_keep_the_global_batch_at_128(capsys, sta
         f"{config['data']['init_args']['batch_size']} x accumulate "
         f"{trainer['accumulate_grad_batches']} != {GLOBAL_BATCH}"
     )
-    expected = DDP if stack == "med+ddp" else DEEPSPEED
-    assert trainer["strategy"]["class_path"] == expected
+    expected = {"med+ddp": DDP, "med+fsdp2": "medmoe.strategies.FSDP2Strategy"}
+    assert trainer["strategy"]["class_path"] == expected.get(stack, DEEPSPEED)
 
 
 def test_med_yaml_global_batch_comment_matches_its_values():

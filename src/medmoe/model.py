@@ -334,7 +334,9 @@ class MedMoEModule(LightningModule):
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the sharded gradients
+                norm = norm.full_tensor()
             self.log("train/grad_norm", norm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -1,4 +1,7 @@
-"""DeepSpeed under Lightning with the gradient scaled once for accumulation, not twice.
+"""medmoe's distributed strategies: DeepSpeed ZeRO-2 (:class:`DeepSpeedStrategy`) and FSDP2
+(:class:`FSDP2Strategy`), each with checkpoints published whole (:func:`publish_directory`).
+
+DeepSpeed under Lightning, with the gradient scaled once for accumulation, not twice:
 
 Lightning's automatic optimisation divides every training-step loss by
 ``accumulate_grad_batches`` before the backward. Lightning's ``DeepSpeedStrategy`` also sets
@@ -42,9 +45,9 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.plugins.precision import DeepSpeedPrecision as LightningDeepSpeedPrecision
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
-from torch import Tensor
+from torch import Tensor, nn
 
 MIXED_PRECISION = ("autocast", "deepspeed")
 
@@ -190,16 +193,29 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         all are done, rank zero renames it to a fresh name and points ``filepath`` (a symlink)
         at it with one atomic ``rename``: ``filepath`` always names a whole checkpoint.
         """
-        target = Path(self.broadcast(str(filepath)))
-        staging = target.with_name(f".{target.name}.saving")  # the same path on every rank
-        if self.is_global_zero:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.barrier("medmoe_checkpoint_staging")
-        super().save_checkpoint(checkpoint, staging, storage_options)
-        self.barrier("medmoe_checkpoint_written")
-        if self.is_global_zero:
-            publish_directory(staging, target)
-        self.barrier("medmoe_checkpoint_published")
+        save_published(
+            self,
+            filepath,
+            lambda path: super(DeepSpeedStrategy, self).save_checkpoint(
+                checkpoint, path, storage_options
+            ),
+        )
+
+
+def save_published(strategy: Any, filepath: Any, write: Any) -> Path:
+    """``write(staging)`` on every rank into one staging directory beside ``filepath``, then
+    :func:`publish_directory` on rank zero, with barriers between; returns the target."""
+    target = Path(strategy.broadcast(str(filepath)))
+    staging = target.with_name(f".{target.name}.saving")  # the same path on every rank
+    if strategy.is_global_zero:
+        shutil.rmtree(staging, ignore_errors=True)
+    strategy.barrier("medmoe_checkpoint_staging")
+    write(staging)
+    strategy.barrier("medmoe_checkpoint_written")
+    if strategy.is_global_zero:
+        publish_directory(staging, target)
+    strategy.barrier("medmoe_checkpoint_published")
+    return target
 
 
 def publish_directory(staging: Path, target: Path) -> None:
@@ -237,3 +253,147 @@ def _check_deepspeed_accelerator_is_cpu() -> None:
             "DS_ACCELERATOR=cpu in the environment (before Python starts) to rehearse the "
             "DeepSpeed strategy on CPU"
         )
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Data-parallel FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
+    ``ModelParallelStrategy``: every decoder layer sharded on its own, then the rest of the model.
+
+    The parameters keep their own dtypes (``MixedPrecisionPolicy(param_dtype=None)``): the frozen
+    base as loaded (bf16 in med.yaml), the adapter's factors, routers and ``log_tau`` in fp32;
+    ``precision: bf16-mixed`` runs the forward under ``torch.autocast(bfloat16)``, and gradients
+    are reduced in ``reduce_dtype``. FSDP2 needs one dtype per sharded group only among its
+    *trainable* parameters, which are all the adapter's. Checkpoints are Lightning's distributed
+    (sharded) checkpoints holding the adapter and the optimizer state only, published whole
+    (:func:`publish_directory`); ``python -m medmoe.zero_to_adapter`` converts them.
+
+    On ``accelerator: cpu`` it runs with gloo: a rehearsal and test mode, not for speed.
+
+    Args:
+        reduce_dtype: the dtype gradients are reduced across ranks in (``"fp32"``, ``"bf16"``).
+        save_distributed_checkpoint: as Lightning's (``True``: one shard file per rank).
+        process_group_backend: ``None`` picks NCCL on GPUs, gloo on CPU.
+    """
+
+    def __init__(
+        self,
+        reduce_dtype: Literal["fp32", "bf16"] = "fp32",
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+    ) -> None:
+        if reduce_dtype not in REDUCE_DTYPES:
+            raise ValueError(
+                f"FSDP2Strategy: reduce_dtype must be one of {sorted(REDUCE_DTYPES)}, got "
+                f"{reduce_dtype!r}"
+            )
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
+        self.reduce_dtype = REDUCE_DTYPES[reduce_dtype]
+
+    def setup_environment(self) -> None:
+        # data parallel over every process (Lightning's "auto" is one group per node)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def setup(self, trainer: Any) -> None:
+        shard_decoder_layers(
+            self.lightning_module.model, self.device_mesh["data_parallel"], self.reduce_dtype
+        )
+        super().setup(trainer)
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        save_published(
+            self,
+            filepath,
+            lambda path: super(FSDP2Strategy, self).save_checkpoint(
+                checkpoint, path, storage_options
+            ),
+        )
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        """The adapter tensors and optimizer state of a sharded checkpoint (the frozen base is
+        not in it: Lightning's loader would ask the checkpoint for every key of the model)."""
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / _FSDP2_METADATA).is_file():
+            raise ValueError(
+                f"checkpoint {path} is not a sharded FSDP2 checkpoint directory (no "
+                f"{_FSDP2_METADATA} in it): resume an FSDP2 run from the last.ckpt it wrote"
+            )
+        keep = self.lightning_module.trainable_state_keys()
+        model_state = {k: v for k, v in get_model_state_dict(self.model).items() if k in keep}
+        load({"state_dict": model_state}, checkpoint_id=path)
+        set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load(state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[key])
+        return torch.load(path / _FSDP2_METADATA, weights_only=weights_only)
+
+
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_FSDP2_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+
+
+@contextmanager
+def unsharded(model: nn.Module) -> Generator[nn.Module, None, None]:
+    """Inside the block every FSDP2 unit of ``model`` holds its whole parameters (a collective:
+    every rank must enter); a model that is not sharded is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def shard_decoder_layers(model: nn.Module, mesh: Any, reduce_dtype: torch.dtype) -> None:
+    """``fully_shard`` every decoder layer (the classes in the model's ``_no_split_modules``, as
+    transformers' and accelerate's FSDP wrapping), the decoder (embeddings, final norm) and the
+    LM head.
+
+    The decoder and the head are units of their own, and the model is none, because medmoe's
+    loss calls them directly (:func:`medmoe.losses.target_token_losses`) while generation calls
+    the model: FSDP2 makes whichever unit runs first a root, and a model-level unit first
+    initialised under the decoder would be refused. A head tied to
+    the input embeddings shares the decoder's unit, which then stays unsharded from its forward
+    to its backward. No parameter is cast (``param_dtype=None``): each keeps its dtype;
+    gradients are reduced in ``reduce_dtype``.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} names no decoder layer class in _no_split_modules: "
+            "FSDP2Strategy shards one decoder layer at a time"
+        )
+    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=reduce_dtype)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    decoder_params = {id(p) for p in decoder.parameters()}
+    tied = head is not None and any(id(p) in decoder_params for p in head.parameters())
+    fully_shard(decoder, mesh=mesh, mp_policy=policy, reshard_after_forward=not tied)
+    if head is not None and not tied:
+        fully_shard(head, mesh=mesh, mp_policy=policy)

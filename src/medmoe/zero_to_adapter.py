@@ -1,4 +1,8 @@
-"""A DeepSpeed ZeRO-2 checkpoint written by Lightning -> a medmoe adapter directory.
+"""A DeepSpeed ZeRO-2 or FSDP2 (sharded) checkpoint written by Lightning -> a medmoe adapter.
+
+One converter for both engines: a directory holding ``.metadata`` and ``meta.pt`` is a
+Lightning distributed checkpoint (``medmoe.strategies.FSDP2Strategy``), read with
+``torch.distributed.checkpoint`` on CPU; any other is DeepSpeed's, described below.
 
 ::
 
@@ -132,6 +136,38 @@ def _zero_stage(states: Mapping[str, Any]) -> int | None:
     if isinstance(zero, Mapping) and "stage" in zero:
         return int(zero["stage"])
     return None
+
+
+SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a sharded checkpoint
+SHARDED_LIGHTNING_STATE = "meta.pt"  # Lightning's non-tensor part of it
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a Lightning distributed (sharded) checkpoint, e.g. of FSDP2."""
+    path = Path(path)
+    return (path / SHARDED_METADATA).is_file() and (path / SHARDED_LIGHTNING_STATE).is_file()
+
+
+def read_sharded_states(folder: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint (FSDP2 through ``medmoe.strategies.FSDP2Strategy``) in the shape of
+    :func:`read_model_states`: ``module`` (its ``state_dict`` tensors, whole) and Lightning's
+    entries (``hyper_parameters``, ``global_step``, ...). Read on CPU, no process group."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(folder)
+    metadata = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    prefix = "state_dict."
+    module = {
+        key[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not module:
+        raise ZeroCheckpointError(f"sharded checkpoint {folder} holds no state_dict tensors")
+    load({"state_dict": module}, checkpoint_id=str(folder), no_dist=True)
+    states = torch.load(folder / SHARDED_LIGHTNING_STATE, map_location="cpu", weights_only=False)
+    return {**states, "module": module}
 
 
 def read_model_states(folder: str | Path) -> dict[str, Any]:
@@ -379,9 +415,18 @@ def adapter_from_zero_checkpoint(
     tag: str | None = None,
     master_weights: bool = False,
 ) -> Path:
-    """Write the MoE-LoRA adapter of a ZeRO-0/1/2 checkpoint to ``out_dir``; returns it."""
-    folder = checkpoint_tag_dir(checkpoint_dir, tag)
-    states = read_model_states(folder)
+    """Write the MoE-LoRA adapter of a ZeRO-0/1/2 or sharded (FSDP2) checkpoint to ``out_dir``."""
+    if is_sharded_checkpoint(checkpoint_dir):
+        if master_weights:
+            raise ZeroCheckpointError(
+                f"{checkpoint_dir} is a sharded (FSDP2) checkpoint: its tensors are the fp32 "
+                "weights themselves, there is no separate master copy (drop --master-weights)"
+            )
+        folder = Path(checkpoint_dir)
+        states = read_sharded_states(folder)
+    else:
+        folder = checkpoint_tag_dir(checkpoint_dir, tag)
+        states = read_model_states(folder)
     if isinstance(config, MoELoRAConfig):
         adapter_config = config
     else:
@@ -417,7 +462,7 @@ def adapter_from_zero_checkpoint(
         )
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     metadata = {
-        "source": "deepspeed checkpoint",
+        "source": "sharded checkpoint" if "ds_version" not in states else "deepspeed checkpoint",
         "checkpoint": str(folder),
         "weights": "fp32 master (optimizer)" if master_weights else "module states",
         "dtypes": dtypes,
@@ -444,7 +489,7 @@ def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m medmoe.zero_to_adapter",
-        description="Convert a Lightning/DeepSpeed ZeRO-2 checkpoint directory into a medmoe "
+        description="Convert a Lightning DeepSpeed ZeRO-2 or FSDP2 checkpoint directory into a medmoe "
         "adapter (adapter_model.safetensors + adapter_config.json).",
     )
     parser.add_argument("checkpoint_dir", help="e.g. runs/med/version_0/checkpoints/last.ckpt")

@@ -15,6 +15,11 @@ adds what a week-long run on a preemptible cluster needs:
   cosine curve instead of running a step at the old run's final lr;
 - SIGINT (Ctrl-C) is handled the same way (exit status 130); a second Ctrl-C interrupts at
   once, without a checkpoint, as Lightning does;
+- on several processes every rank stops at the same step: Lightning's own SIGTERM handler runs
+  a broadcast *inside the signal handler*, wherever each rank happens to be, which deadlocked
+  an FSDP2 run against its all-gathers. This callback's handler only forwards the signal to
+  the launcher's other ranks and notes it; the ranks agree at the end of each training batch
+  (a max-reduction of one flag) and only then tell Lightning's loop to stop;
 - any other exception (a NaN loss, an out-of-memory error) writes nothing: the state may be
   half-updated, and the last periodic ``last.ckpt`` is the good one to keep;
 - every write goes to a temporary file beside the target, is flushed to disk and renamed over
@@ -118,7 +123,10 @@ class ResumableCheckpoint(ModelCheckpoint):
         )
         self.interrupted_by: str | None = None
         self._sigint_previous: Any = None
+        self._sigterm_previous: Any = None
         self._sigint_seen = False
+        self._sigterm_seen = False
+        self._trainer: Trainer | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -132,9 +140,33 @@ class ResumableCheckpoint(ModelCheckpoint):
         if trainer.ckpt_path is not None:
             continue_schedule(trainer)  # the lr of the current step, also after a new max_steps
         self.interrupted_by = None
+        self._trainer = trainer
         if threading.current_thread() is threading.main_thread():
-            self._sigint_seen = False
+            self._sigint_seen = self._sigterm_seen = False
             self._sigint_previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._sigterm_previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """Forward to the other ranks (rank zero launched them) and note it; no collective."""
+        trainer = self._trainer
+        if not self._sigterm_seen and trainer is not None:
+            rank_zero_info("SIGTERM received: stopping at the end of this training batch")
+            launcher = trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        self._sigterm_seen = True
+        if trainer is not None and trainer.world_size == 1:
+            trainer._signal_connector.received_sigterm = True  # Lightning's loop stops there
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if trainer.world_size > 1:  # every rank, same batch: the ranks agree to stop together
+            flag = torch.tensor(float(self._sigterm_seen), device=pl_module.device)
+            if bool(trainer.strategy.reduce(flag, reduce_op="max") > 0):
+                self._sigterm_seen = True
+                trainer._signal_connector.received_sigterm = True
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         """First Ctrl-C: stop at the next step boundary through Lightning's SIGTERM path."""
@@ -144,12 +176,13 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.interrupted_by = "SIGINT"
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def _restore_sigint(self) -> None:
-        if self._sigint_previous is not None and (
-            threading.current_thread() is threading.main_thread()
-        ):
-            signal.signal(signal.SIGINT, self._sigint_previous)
-        self._sigint_previous = None
+    def _restore_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            if self._sigint_previous is not None:
+                signal.signal(signal.SIGINT, self._sigint_previous)
+            if self._sigterm_previous is not None:
+                signal.signal(signal.SIGTERM, self._sigterm_previous)
+        self._sigint_previous = self._sigterm_previous = None
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -158,14 +191,14 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore_sigint()
+        self._restore_signals()
         if trainer.state.fn == TrainerFn.FITTING and not trainer.fast_dev_run:
             self._save_last_now(trainer)
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
-        self._restore_sigint()
+        self._restore_signals()
         if not isinstance(exception, SIGTERMException):
             return  # a fault mid-step: keep the last periodic checkpoint, write nothing
         self.interrupted_by = self.interrupted_by or "SIGTERM"
@@ -178,4 +211,4 @@ class ResumableCheckpoint(ModelCheckpoint):
         )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._restore_sigint()
+        self._restore_signals()

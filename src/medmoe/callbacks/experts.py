@@ -12,6 +12,7 @@ from torch import Tensor
 from medmoe.adapters import MoELoRALinear
 from medmoe.callbacks.naming import AdaptedLayer, adapted_layers
 from medmoe.callbacks.writers import StepCadence, log_to_loggers
+from medmoe.strategies import unsharded
 
 __all__ = ["ExpertUpdateNorms", "expert_update_norms"]
 
@@ -61,8 +62,9 @@ class ExpertUpdateNorms(Callback):
         if self._layers is None:
             self._layers = adapted_layers(pl_module.model)
         per_block: dict[str, list[Tensor]] = {}
-        for adapted in self._layers:
-            per_block.setdefault(adapted.block, []).append(expert_update_norms(adapted.layer))
+        with unsharded(pl_module.model):  # FSDP2: whole factors on every rank
+            for adapted in self._layers:
+                per_block.setdefault(adapted.block, []).append(expert_update_norms(adapted.layer))
         values: dict[str, float] = {}
         for block, norms in per_block.items():
             if len({n.numel() for n in norms}) != 1:

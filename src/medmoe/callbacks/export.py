@@ -7,6 +7,8 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from medmoe.strategies import unsharded
+
 __all__ = ["AdapterExport"]
 
 
@@ -28,8 +30,9 @@ class AdapterExport(Callback):
         # trainer.log_dir broadcasts from rank zero: every rank must ask, or rank zero waits
         # for the others forever at the end of a DDP fit
         root = trainer.log_dir or trainer.default_root_dir
-        if trainer.global_rank != 0:
-            return
-        target = Path(self.dirpath) if self.dirpath else Path(root) / "adapter"
-        self.saved_to = pl_module.adapter.save(pl_module.model, target)
+        with unsharded(pl_module.model):  # FSDP2: every rank gathers, rank zero writes
+            if trainer.global_rank != 0:
+                return
+            target = Path(self.dirpath) if self.dirpath else Path(root) / "adapter"
+            self.saved_to = pl_module.adapter.save(pl_module.model, target)
         rank_zero_info(f"adapter saved to {self.saved_to}")

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from medmoe.callbacks.naming import AdaptedLayer, adapted_layers
 from medmoe.callbacks.writers import StepCadence, log_to_loggers
+from medmoe.strategies import unsharded
 
 __all__ = ["TemperatureMonitor", "at_clamp_bound"]
 
@@ -54,7 +55,7 @@ class TemperatureMonitor(Callback):
             self._layers = adapted_layers(model) if model is not None else []
         if not self._layers:
             return
-        with torch.no_grad():
+        with torch.no_grad(), unsharded(pl_module.model):  # FSDP2: whole log tau per rank
             device = self._layers[0].layer.tau.device
             # one host transfer for all layers
             taus = torch.stack([a.layer.tau.detach().float().to(device) for a in self._layers])

@@ -1,15 +1,19 @@
-"""medmoe's DeepSpeed strategy on a real engine: 2 CPU processes, DeepSpeed's CPU accelerator, gloo.
+"""medmoe's DeepSpeed and FSDP2 strategies on real engines: 2 CPU processes, gloo (DeepSpeed's CPU
+accelerator; FSDP2 through Lightning's ModelParallelStrategy).
 
 Each run is ``tests/distributed_run.py`` (or the ``medmoe`` CLI with the rehearsal fragment) in a
-subprocess, so ``deepspeed.initialize``, ZeRO-2's gradient partitioning and reduction, its
-checkpoints and Lightning's launcher really run. The equivalence rows compare, on the same seeds
-and data, ZeRO-2 against Lightning's DDP and against one process with twice the accumulation.
+subprocess, so ``deepspeed.initialize``, ZeRO-2's gradient partitioning and reduction,
+``fully_shard``'s all-gathers and reduce-scatters, their checkpoints and Lightning's launcher
+really run. The equivalence rows compare, on the same seeds and data, ZeRO-2 and FSDP2 against
+Lightning's DDP and against one process with twice the accumulation.
 
 Tolerances (measured on the 2-core CPU machine, with margin):
-- fp32 ZeRO-2 vs DDP vs one process: per-step losses and logged gradient norms to 1e-6
-  relative, final adapter tensors to 1e-6 absolute (measured: 8e-8 and 2.3e-7);
+- fp32 ZeRO-2 and FSDP2 vs DDP vs one process: per-step losses and logged gradient norms to 1e-6
+  relative, final adapter tensors to 1e-6 absolute (measured: ZeRO-2 8e-8, FSDP2 8e-8, one
+  process 2.3e-7);
 - ZeRO-Offload with DeepSpeed's CPU Adam vs ZeRO-2 with torch's AdamW: 1e-6 / 1e-5 (3.7e-6);
-- bf16-mixed vs fp32: losses 1e-3 and gradient norms 1e-2 relative (1.3e-4, 2e-3); the final
+- bf16-mixed vs fp32, ZeRO-2 and FSDP2 alike: losses 1e-3 and gradient norms 1e-2 relative
+  (1.3e-4, 2e-3); the final
   adapter tensors differ from fp32 by at most 15% of how far training moved them, in norm
   (measured 7.4% after 3 Adam steps at lr 1e-2: Adam turns tiny gradient differences into full steps).
 """
@@ -101,6 +105,7 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, list[dict]]]:
     for name, args, devices in (
         ("ddp", ("--strategy", "ddp"), WORLD),
         ("zero2", ("--strategy", "deepspeed"), WORLD),
+        ("fsdp2", ("--strategy", "fsdp2"), WORLD),
         ("single", ("--accumulate", "4"), 1),
     ):
         out = root / name
@@ -142,24 +147,25 @@ def test_deepspeed_initialize_crashes_on_a_0dim_parameter_and_runs_the_moe_lora_
     assert "initialized (1,)" in results["layer"].stdout
 
 
-def test_zero2_equals_ddp_and_one_process_with_twice_the_accumulation(runs):
-    ddp, zero2, single = (runs[k][1] for k in ("ddp", "zero2", "single"))
+@pytest.mark.parametrize("engine", ["zero2", "fsdp2"])
+def test_engine_equals_ddp_and_one_process_with_twice_the_accumulation(runs, engine):
+    ddp, sharded, single = (runs[k][1] for k in ("ddp", engine, "single"))
     losses = _step_losses(ddp)
     assert sorted(losses) == [1, 2, 3]
-    _assert_close(_step_losses(zero2), losses, 1e-6)
+    _assert_close(_step_losses(sharded), losses, 1e-6)
     _assert_close(_step_losses(single), losses, 1e-6)
     # the logged gradient norm (before clipping at 1.0) of every step: the loss is scaled for
-    # accumulation once under ZeRO (a second division would give half of it)
+    # accumulation once (a second division would give half of it)
     norms = _grad_norms(runs["ddp"][0])
     assert len(norms) == 3
-    _assert_close(_grad_norms(runs["zero2"][0]), norms, 1e-6)
+    _assert_close(_grad_norms(runs[engine][0]), norms, 1e-6)
     _assert_close(_grad_norms(runs["single"][0]), norms, 1e-6)
-    for other in (zero2, single):
+    for other in (sharded, single):
         for name, tensor in ddp[0]["final"].items():
             torch.testing.assert_close(other[0]["final"][name], tensor, rtol=0, atol=1e-6)
-    # ZeRO-2 keeps every rank's full copy of the trained adapter identical
-    for name, tensor in zero2[0]["final"].items():
-        assert torch.equal(zero2[1]["final"][name], tensor), name
+    # every rank ends with the same whole adapter
+    for name, tensor in sharded[0]["final"].items():
+        assert torch.equal(sharded[1]["final"][name], tensor), name
 
 
 def test_zero_offload_with_cpu_adam_equals_zero2_with_adamw(runs, tmp_path):
@@ -172,41 +178,70 @@ def test_zero_offload_with_cpu_adam_equals_zero2_with_adamw(runs, tmp_path):
         torch.testing.assert_close(offload[0]["final"][name], tensor, rtol=0, atol=1e-5)
 
 
-def test_bf16_mixed_keeps_the_adapter_in_fp32_and_follows_the_fp32_run(runs, tmp_path):
+@pytest.mark.parametrize(("engine", "strategy"), [("zero2", "deepspeed"), ("fsdp2", "fsdp2")])
+def test_bf16_mixed_keeps_the_adapter_in_fp32_and_follows_the_fp32_run(
+    runs, tmp_path, engine, strategy
+):
     args = [a if a != "32-true" else "bf16-mixed" for a in STEP]
-    bf16 = _run(tmp_path, *args, "--strategy", "deepspeed")
-    zero2_out, zero2 = runs["zero2"]
-    # autocast, not DeepSpeed's bf16: the adapter's factors, routers and log tau stay fp32
+    bf16 = _run(tmp_path, *args, "--strategy", strategy)
+    fp32_out, fp32 = runs[engine]
+    # autocast, not DeepSpeed's bf16 or an FSDP2 param_dtype: factors, routers, log tau stay fp32
     assert {str(d) for d in bf16[0]["dtypes"].values()} == {"torch.float32"}
-    _assert_close(_step_losses(bf16), _step_losses(zero2), 1e-3)
-    _assert_close(_grad_norms(tmp_path), _grad_norms(zero2_out), 1e-2)
-    initial = torch.load(zero2_out / "init.pt", weights_only=False)
-    moved = sum((zero2[0]["final"][n] - initial[n].float()).norm() ** 2 for n in initial) ** 0.5
-    apart = sum((bf16[0]["final"][n] - zero2[0]["final"][n]).norm() ** 2 for n in initial) ** 0.5
+    _assert_close(_step_losses(bf16), _step_losses(fp32), 1e-3)
+    _assert_close(_grad_norms(tmp_path), _grad_norms(fp32_out), 1e-2)
+    initial = torch.load(fp32_out / "init.pt", weights_only=False)
+    moved = sum((fp32[0]["final"][n] - initial[n].float()).norm() ** 2 for n in initial) ** 0.5
+    apart = sum((bf16[0]["final"][n] - fp32[0]["final"][n]).norm() ** 2 for n in initial) ** 0.5
     assert apart < 0.15 * moved  # measured 7.4%: Adam normalises tiny gradients to full steps
 
 
-@pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory) -> tuple[Path, list[dict]]:
-    out = tmp_path_factory.mktemp("ds_checkpointed")
-    args = ("--max-steps", "4", "--dropout", "0.2", "--checkpoint-every", "2")
-    return out, _run(out, *args, "--strategy", "deepspeed", "--precision", "32-true")
+CHECKPOINTED = ("--max-steps", "4", "--dropout", "0.2", "--precision", "32-true")
+
+
+@pytest.fixture(scope="module", params=["deepspeed", "fsdp2"])
+def checkpointed(request, tmp_path_factory) -> tuple[str, Path, list[dict]]:
+    out = tmp_path_factory.mktemp(f"{request.param}_checkpointed")
+    args = (*CHECKPOINTED, "--checkpoint-every", "2", "--strategy", request.param)
+    return request.param, out, _run(out, *args)
+
+
+def _adapter_bytes() -> tuple[int, int]:
+    """fp32 bytes of the driver's frozen base and of its adapter."""
+    module = distributed_run.make_module(distributed_run.make_data(), ortho=False, dropout=0.0)
+    module.configure_model()
+    frozen = sum(p.numel() * 4 for p in module.model.parameters() if not p.requires_grad)
+    adapter = sum(p.numel() * 4 for p in module.model.parameters() if p.requires_grad)
+    return frozen, adapter
 
 
 def test_the_checkpoint_holds_the_adapter_and_optimizer_shards_only(checkpointed):
-    out, _ = checkpointed
+    engine, out, _ = checkpointed
     checkpoint = out / "ckpt" / "epoch=0-step=4.ckpt"
     assert checkpoint.is_symlink()  # published whole (medmoe.strategies.publish_directory)
+    frozen, adapter = _adapter_bytes()
+    if engine == "fsdp2":
+        from torch.distributed.checkpoint import FileSystemReader
+
+        files = sorted(p.name for p in checkpoint.iterdir())
+        assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+        module = distributed_run.make_module(distributed_run.make_data(), False, 0.0)
+        module.configure_model()
+        keep = module.trainable_state_keys()
+        stored = FileSystemReader(str(checkpoint)).read_metadata().storage_data
+        model_items = [
+            (i.fqn, info.length) for i, info in stored.items() if i.fqn[:11] == "state_dict."
+        ]
+        # the adapter's tensors only, each written whole across the ranks' files; every item is
+        # its tensor's bytes plus torch.save's framing (< 2 KiB); no key of the frozen base
+        assert {fqn[len("state_dict.") :] for fqn, _ in model_items} == keep
+        assert sum(length for _, length in model_items) < adapter + 2048 * len(model_items)
+        return
     files = {p.name: p.stat().st_size for p in (checkpoint / "checkpoint").iterdir()}
     assert sorted(files) == [
         "mp_rank_00_model_states.pt",
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
-    module = distributed_run.make_module(distributed_run.make_data(), ortho=False, dropout=0.0)
-    module.configure_model()
-    frozen = sum(p.numel() * 4 for p in module.model.parameters() if not p.requires_grad)
-    adapter = sum(p.numel() * 4 for p in module.model.parameters() if p.requires_grad)
     # module states: the fp32 adapter plus Lightning's state, never the frozen base
     assert adapter < files["mp_rank_00_model_states.pt"] < adapter + min(frozen, 200_000)
     # each optimizer shard: half of (fp32 master + Adam's two moments) of the adapter
@@ -219,7 +254,7 @@ def test_zero_to_adapter_gives_an_adapter_load_adapted_reproduces(checkpointed, 
     from medmoe.adapters import load_adapter
     from medmoe.zero_to_adapter import main as zero_to_adapter
 
-    out, ranks = checkpointed
+    _, out, ranks = checkpointed  # one converter for both engines' checkpoints
     assert zero_to_adapter([str(out / "ckpt" / "epoch=0-step=4.ckpt"), str(tmp_path)]) == 0
     torch.manual_seed(0)
     module = distributed_run.make_module(distributed_run.make_data(), ortho=False, dropout=0.2)
@@ -236,17 +271,10 @@ def test_zero_to_adapter_gives_an_adapter_load_adapted_reproduces(checkpointed, 
     torch.testing.assert_close(logits, torch.load(out / "logits.pt"), rtol=0, atol=1e-5)
 
 
-def test_resume_from_a_deepspeed_checkpoint_continues_the_uninterrupted_run(checkpointed, tmp_path):
-    out, uninterrupted = checkpointed
-    args = ("--max-steps", "4", "--dropout", "0.2", "--strategy", "deepspeed")
-    resumed = _run(
-        tmp_path,
-        *args,
-        "--precision",
-        "32-true",
-        "--resume",
-        str(out / "ckpt" / "epoch=0-step=2.ckpt"),
-    )
+def test_resume_from_a_checkpoint_continues_the_uninterrupted_run(checkpointed, tmp_path):
+    engine, out, uninterrupted = checkpointed
+    step2 = str(out / "ckpt" / "epoch=0-step=2.ckpt")
+    resumed = _run(tmp_path, *CHECKPOINTED, "--strategy", engine, "--resume", step2)
     for rank in range(WORLD):
         full, again = dict(uninterrupted[rank]["losses"]), dict(resumed[rank]["losses"])
         assert sorted(again) == [3, 4]
@@ -312,11 +340,15 @@ def test_multi_lora_and_full_fine_tuning_train_under_zero2(tmp_path, method):
 
 
 # --------------------------------------------------------------------------- the CLI rehearsal
-REHEARSAL = ("--config", "configs/med.yaml", "--config", "configs/rehearsal/cpu.yaml")
+STACKS = {
+    "deepspeed": ("configs/med.yaml", "configs/rehearsal/cpu.yaml"),
+    "fsdp2": ("configs/med.yaml", "configs/multi_gpu/fsdp2.yaml", "configs/rehearsal/cpu.yaml"),
+}
 
 
-def _cli(tmp_path: Path, *args: str, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "medmoe", "fit", *REHEARSAL, *args]
+def _cli(tmp_path: Path, stack: str, *args: str, **popen) -> subprocess.Popen:
+    configs = [word for config in STACKS[stack] for word in ("--config", config)]
+    command = [sys.executable, "-m", "medmoe", "fit", *configs, *args]
     command += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
     return subprocess.Popen(command, env=_env(), cwd=ROOT, text=True, **popen)
 
@@ -326,9 +358,20 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in found.split()]
 
 
-def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint_and_exit_143(tmp_path):
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The global step a DeepSpeed or sharded (FSDP2) checkpoint directory was written at."""
+    lightning_state = checkpoint / "meta.pt"
+    if not lightning_state.is_file():
+        lightning_state = checkpoint / "checkpoint" / "mp_rank_00_model_states.pt"
+    return torch.load(lightning_state, weights_only=False, map_location="cpu")["global_step"]
+
+
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint_and_exit_143(tmp_path, stack):
     with open(tmp_path / "run.log", "w") as log:
-        process = _cli(tmp_path, "--trainer.max_steps", "400", stdout=log, stderr=subprocess.STDOUT)
+        process = _cli(
+            tmp_path, stack, "--trainer.max_steps", "400", stdout=log, stderr=subprocess.STDOUT
+        )
     version = tmp_path / "rehearsal" / "version_0"
     last = version / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 400
@@ -342,15 +385,13 @@ def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint_and_exit_143(tmp_
     while any(_alive(pid) for pid in ranks) and time.monotonic() - start < 60:
         time.sleep(0.5)
     assert not any(_alive(pid) for pid in ranks), "a rank outlived the launcher by 60 s"
-    states = torch.load(
-        last / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu"
-    )
-    stopped_at = states["global_step"]
+    stopped_at = _checkpoint_step(last)
     assert 8 <= stopped_at < 400
     # the checkpoint resumes: two more steps to the end
     with open(tmp_path / "resume.log", "w") as log:
         resumed = _cli(
             tmp_path,
+            stack,
             "--trainer.max_steps",
             str(stopped_at + 2),
             "--ckpt_path",
@@ -359,9 +400,8 @@ def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint_and_exit_143(tmp_
             stderr=subprocess.STDOUT,
         )
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    assert (version / "adapter" / "adapter_model.safetensors").is_file() or any(
-        (tmp_path / "rehearsal").glob("version_*/adapter/adapter_model.safetensors")
-    )
+    # the resumed run (a new log version) ends by exporting the adapter
+    assert list((tmp_path / "rehearsal").glob("version_*/adapter/adapter_model.safetensors"))
 
 
 def _alive(pid: int) -> bool:
