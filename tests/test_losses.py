@@ -95,3 +95,20 @@ def test_a_batch_without_targets_gives_zero_losses_and_a_graph():
     batch["labels"][:] = IGNORE_INDEX
     token_loss, mask = target_token_losses(model, batch)
     assert not mask.any() and torch.count_nonzero(token_loss) == 0
+
+
+def test_the_loss_forward_builds_no_kv_cache_in_evaluation():
+    """Validation forwards used to build a KV cache (config.use_cache is True in eval mode):
+    ~2 GiB per 8 x 2048 micro-batch at 8B, never read by a loss."""
+    model = make_tiny_llama(seed=0).eval()
+    assert model.config.use_cache
+    caches = []
+    decoder = model.get_decoder()
+    hook = decoder.register_forward_hook(lambda m, i, out: caches.append(out.past_key_values))
+    try:
+        with torch.no_grad():
+            target_token_losses(model, _batch())
+            decoder(input_ids=_batch()["input_ids"])  # the reference: a plain forward builds one
+    finally:
+        hook.remove()
+    assert caches[0] is None and caches[1] is not None
