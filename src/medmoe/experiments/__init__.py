@@ -4,7 +4,7 @@
     python -m medmoe.experiments configs/experiments/toy_full.yaml --quick    # a smoke run
 
 Every run trains through ``medmoe.cli.main`` (``medmoe fit``) in its own directory
-(``<out>/<method>/seed_<k>``), by default in a fresh Python process, and is scored on the
+(``<out>/<method>/seed_<k>``), in a worker process the runner owns, and is scored on the
 test split's fixed subsets with the evaluation callbacks' scorer; the base model is scored
 once (``<out>/base``). A run whose ``results.json`` exists is skipped, so an interrupted grid
 resumes where it stopped (a fit interrupted mid-way resumes from its ``last.ckpt``). The

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medmoe.experiments.grid import GridError, load_grid
 from medmoe.experiments.runner import plan_runs, run_command, run_grid
-from medmoe.experiments.worker import RunSpec, execute
+from medmoe.experiments.worker import RunSpec, die_with_parent, execute
 
 __all__ = ["main"]
 
@@ -101,9 +101,12 @@ def _overrides(sets: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0: every run has results)."""
+    """Run the command line; returns the exit status: 0 every run has results, 1 a run failed
+    or was interrupted, 2 a bad grid or option, 130 / 143 SIGINT / SIGTERM stopped the grid
+    (every worker stopped, running fits saved their last.ckpt; run again to resume)."""
     args = _parser().parse_args(argv)
-    if args.worker:
+    if args.worker:  # a run of `--fresh-processes`: it ends with the runner that started it
+        die_with_parent(os.getppid())
         execute(RunSpec.read(args.worker))
         return 0
     try:
@@ -154,11 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail_fast=args.fail_fast,
             log=lambda line: print(line, flush=True),
         )
+        if outcome.interrupted_by is not None:  # what is done and left is printed: no report
+            return outcome.exit_code
         print(f"grid finished in {time.perf_counter() - began:.0f} s", flush=True)
-        if outcome.failed:
-            status = 1
-            for failed in outcome.failed:
-                print(f"failed: {failed.spec.run_dir} ({failed.error.splitlines()[0]})")
+        status = outcome.exit_code
+        for failed in outcome.failed + outcome.interrupted:
+            print(f"{failed.status}: {failed.spec.run_dir} ({failed.error.splitlines()[0]})")
     from medmoe.experiments.output import write_report  # matplotlib, medmoe.callbacks
 
     # the report covers every method of the grid (runs left out by --methods read "n/a") over

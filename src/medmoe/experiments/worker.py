@@ -10,10 +10,15 @@ would report for the same split and subset.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import platform
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +31,7 @@ __all__ = [
     "RESULTS_FILE",
     "SPEC_FILE",
     "RunSpec",
+    "die_with_parent",
     "execute",
     "read_results",
     "score_trained",
@@ -35,6 +41,8 @@ __all__ = [
 RESULTS_FILE = "results.json"
 SPEC_FILE = "spec.json"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+STOP_GRACE = 45.0  # seconds a stopped run gets to write its checkpoint before it is killed
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass
@@ -132,10 +140,56 @@ def score_trained(trainer: Any, module: Any, settings: EvalSettings, base: bool 
     return {"metrics": metrics, "scores": scores}
 
 
+def die_with_parent(parent: int, grace: float = STOP_GRACE) -> None:
+    """End this process when the process ``parent`` ends, however it ends (kill -9 included).
+
+    On Linux the kernel sends this process SIGTERM when its parent dies (``prctl`` with
+    ``PR_SET_PDEATHSIG``): a fit under way writes its ``last.ckpt`` and exits 143, any other
+    phase ends at once. A watchdog thread also sees the parent process id change (the process
+    re-parented) and sends that SIGTERM itself where ``prctl`` is missing or came too late,
+    then kills the process ``grace`` seconds later whatever it is doing. A worker of the
+    experiment runner calls this first, so none outlives the runner.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    armed = armed and os.getppid() == parent  # a parent gone before the prctl sent nothing
+    watchdog = threading.Thread(
+        target=_watch_parent, args=(parent, armed, grace), name="medmoe-parent-watch", daemon=True
+    )
+    watchdog.start()
+
+
+def _watch_parent(parent: int, armed: bool, grace: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    if not armed:
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _clear_earlier_attempt(run_dir: Path) -> None:
+    """Remove what a fit stopped before its first checkpoint left (config, logs, a partial
+    checkpoint folder): the run starts over, and the run-directory guard of ``medmoe fit``
+    would refuse those files. The runner's own files (spec, log, lock) stay."""
+    from medmoe.cli import _is_run_output
+
+    for path in run_dir.iterdir():
+        if _is_run_output(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
 def execute(spec: RunSpec) -> dict[str, Any]:
     """Run ``medmoe.cli.main(spec.cli_args)``, score the result, write ``results.json``.
 
-    A fit resumes from ``<run dir>/checkpoints/last.ckpt`` when an earlier attempt left one.
+    A fit resumes from ``<run dir>/checkpoints/last.ckpt`` when an earlier attempt left one,
+    and starts over, clearing that attempt's files, when it left none.
     A ``--config`` file that does not exist is a FileNotFoundError before anything is loaded.
     """
     args = list(spec.cli_args)
@@ -153,9 +207,12 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed_from = None
-    if args and args[0] == "fit" and (run_dir / LAST_CHECKPOINT).is_file():
-        resumed_from = str(run_dir / LAST_CHECKPOINT)
-        args.append(f"--ckpt_path={resumed_from}")
+    if args and args[0] == "fit":
+        if (run_dir / LAST_CHECKPOINT).is_file():
+            resumed_from = str(run_dir / LAST_CHECKPOINT)
+            args.append(f"--ckpt_path={resumed_from}")
+        else:
+            _clear_earlier_attempt(run_dir)
     began, cpu_began = time.perf_counter(), time.process_time()
     argv = sys.argv
     sys.argv = ["medmoe"]  # the arguments are `args`: LightningCLI must not read the runner's
