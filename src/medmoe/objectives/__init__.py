@@ -12,6 +12,7 @@ from medmoe.objectives.balance import (
     load_balance_loss,
     recorded_router_probs,
 )
+from medmoe.objectives.routing import routing_losses, routing_token_mask
 
 __all__ = [
     "expert_load",
@@ -20,4 +21,6 @@ __all__ = [
     "layer_knowledge_preservation_loss",
     "load_balance_loss",
     "recorded_router_probs",
+    "routing_losses",
+    "routing_token_mask",
 ]
