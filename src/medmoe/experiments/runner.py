@@ -451,6 +451,7 @@ class _Pool:
                         if outcome.status == "interrupted" or not worker.process.is_alive():
                             worker.close()  # it ends after an interrupted run; a new one next
                             worker = None
+                            self.pids.pop(slot, None)  # its process id may be reused
                 except Exception as error:  # never leave the runner waiting for this spec
                     outcome = RunOutcome(spec, "failed", error=f"{type(error).__name__}: {error}")
                 self.done.put(outcome)
