@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Literal
@@ -67,6 +68,25 @@ class MedMoECLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._guard_run_directory()
+        _count_steps_in_the_progress_bar(self.trainer)
+
+    def after_fit(self) -> None:
+        from medmoe.callbacks.checkpoint import ResumableCheckpoint
+        from medmoe.callbacks.export import AdapterExport
+        from medmoe.callbacks.progress import fit_summary
+
+        trainer = self.trainer
+        log_dir = trainer.log_dir  # a broadcast: every rank asks
+        if trainer.global_rank != 0:
+            return
+        adapter = next(
+            (c.saved_to for c in trainer.callbacks if isinstance(c, AdapterExport)), None
+        )
+        checkpoint = next(
+            (c.last_model_path for c in trainer.callbacks if isinstance(c, ResumableCheckpoint)),
+            None,
+        )
+        print(fit_summary(trainer, log_dir, adapter, checkpoint), flush=True)
 
     def _guard_run_directory(self) -> None:
         """Refuse a log directory that already holds files, unless resuming there or told to."""
@@ -107,6 +127,17 @@ class MedMoECLI(LightningCLI):
                 message = "no checkpoint was written: add a ResumableCheckpoint callback"
             sys.stderr.write(f"medmoe: {by} stopped the run at global step {step}; {message}\n")
             raise SystemExit(EXIT_CODES.get(by, 1)) from None
+
+
+def _count_steps_in_the_progress_bar(trainer) -> None:
+    """Lightning's rich bar (batches of an "Epoch 0/-2") -> :class:`StepProgressBar` (steps)."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from medmoe.callbacks.progress import StepProgressBar
+
+    for index, callback in enumerate(trainer.callbacks):
+        if type(callback) is RichProgressBar:
+            trainer.callbacks[index] = StepProgressBar()
 
 
 class PredictCLI(MedMoECLI):
@@ -174,6 +205,31 @@ def run_cli(args: list[str] | None = None) -> MedMoECLI:
     )
 
 
+# Library messages a medmoe user cannot act on, silenced (only these):
+# - Lightning 2.6's own use of a deprecated torch pytree API;
+# - Lightning's caution about IterableDataset.__len__ under several loader workers: medmoe's
+#   training stream splits its batches over workers itself (medmoe.data.stream), so its length
+#   is exact;
+# - Lightning's advertisement of its cloud logger.
+IGNORED_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Your `IterableDataset` has `__len__` defined",
+)
+IGNORED_INFO = ("💡 Tip: For seamless cloud logging",)
+
+
+class _DropInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(IGNORED_INFO)
+
+
+def _quiet_library_notices() -> None:
+    for pattern in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropInfo())
+
+
 class _StderrFilter(logging.Filter):
     """Writes a logger's records to stderr instead of its handlers (DeepSpeed logs to stdout)."""
 
@@ -191,6 +247,7 @@ def main(args: list[str] | None = None) -> None:
     else:
         args = [a for a in given if a != DEBUG_FLAG]
     logging.getLogger("DeepSpeed").addFilter(_StderrFilter())  # keep stdout for --print_config
+    _quiet_library_notices()
     try:
         if given[:1] == ["predict"]:
             from medmoe.predict import predict_main

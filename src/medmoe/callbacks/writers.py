@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from weakref import WeakKeyDictionary
 
 import numpy as np
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-__all__ = ["StepCadence", "add_image", "log_to_loggers", "tensorboard_experiment"]
+__all__ = ["StepCadence", "add_image", "last_logged", "log_to_loggers", "tensorboard_experiment"]
+
+# the latest value of every scalar sent through log_to_loggers, per trainer (rank zero)
+_LAST_LOGGED: WeakKeyDictionary[Trainer, dict[str, float]] = WeakKeyDictionary()
 
 
 def tensorboard_experiment(trainer: Trainer):
@@ -41,8 +45,14 @@ def log_to_loggers(trainer: Trainer, metrics: Mapping[str, float], step: int) ->
     if not metrics or trainer.global_rank != 0:
         return
     values = {k: float(v) for k, v in metrics.items()}
+    _LAST_LOGGED.setdefault(trainer, {}).update(values)
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
+
+
+def last_logged(trainer: Trainer) -> dict[str, float]:
+    """The latest value of every scalar the callbacks sent through :func:`log_to_loggers`."""
+    return dict(_LAST_LOGGED.get(trainer, {}))
 
 
 class StepCadence:
