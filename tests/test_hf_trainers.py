@@ -313,3 +313,42 @@ def test_an_adapter_from_medmoe_fit_loads_into_the_adapted_model(trained_run):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     assert os.path.samefile(Path(model.name_or_path), Path(reference.name_or_path))
+
+
+def test_an_adapter_from_the_trainer_serves_medmoe_predict(trained_run, tmp_path):
+    """Trained by the Trainer on the toy base with the demo's adapter config, the checkpoint is
+    what `medmoe predict --adapter_dir` reads: its scores are load_adapted's."""
+    import json
+
+    from test_predict import predict, read_lines
+
+    from medmoe.adapters.state import read_adapter_config
+    from medmoe.data import MultiTaskDataModule, toy_base_path
+    from medmoe.eval import MultipleChoiceExample, score_multiple_choice
+
+    tokenizer = MultiTaskDataModule(tokenizer="toy").tokenizer
+    config = read_adapter_config(trained_run / "adapter")  # the demo's, as the CLI builds it
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(toy_base_path())
+    model = get_adapted_model(base, config)
+    prompt = "Question: Is fever a symptom of pneumonia ?\nAnswer:"
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    target = [*tokenizer(" yes", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    row = {"input_ids": prompt_ids + target, "labels": [-100] * len(prompt_ids) + target}
+    rows = [{**row, "is_general": False, "task_ids": 0}] * 8
+    args = _args(tmp_path / "run", max_steps=2, gradient_accumulation_steps=1, save_steps=2)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=_collate).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": prompt, "choices": [" yes", " no"]}) + "\n")
+    out = tmp_path / "scores.jsonl"
+    predict(
+        "--adapter_dir", str(checkpoint), "--prompts", str(prompts), "--mode", "score",
+        "--output", str(out),
+    )  # fmt: skip
+    [line] = read_lines(out)
+    example = MultipleChoiceExample(prompt, (" yes", " no"), 0)
+    expected = score_multiple_choice(medmoe.load_adapted("toy", checkpoint), tokenizer, [example])
+    assert line["scores"] == pytest.approx(expected.loglikelihoods[0].tolist(), rel=1e-6)

@@ -49,6 +49,7 @@ def test_notebooks_exist() -> None:
         "01_custom_router.ipynb",
         "02_custom_allocation.ipynb",
         "03_routing_from_checkpoint.ipynb",
+        "04_hf_trainer.ipynb",
     } <= names
 
 
