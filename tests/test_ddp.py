@@ -46,7 +46,7 @@ def _run(out: Path, *args: str) -> list[dict]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,  # a rank stuck in a collective would hang here
+        timeout=600,  # a rank stuck in a collective would hang here (a run takes ~15 s idle)
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

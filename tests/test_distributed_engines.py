@@ -54,7 +54,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(out: Path, *args: str, devices: int = WORLD, timeout: float = 300):
+def _launch(out: Path, *args: str, devices: int = WORLD, timeout: float = 600):
     """Run the driver; returns the finished process (stdout + stderr in ``.stdout``)."""
     command = [sys.executable, str(SCRIPT), str(out), "--devices", str(devices), *args]
     return subprocess.run(
@@ -62,7 +62,7 @@ def _launch(out: Path, *args: str, devices: int = WORLD, timeout: float = 300):
     )
 
 
-def _run(out: Path, *args: str, devices: int = WORLD, timeout: float = 300) -> list[dict]:
+def _run(out: Path, *args: str, devices: int = WORLD, timeout: float = 600) -> list[dict]:
     result = _launch(out, *args, devices=devices, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
