@@ -66,7 +66,7 @@ def test_save_replaces_a_good_adapter_only_when_complete(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("medmoe.adapters.state.save_file", broken_save)
+    monkeypatch.setattr("medmoe.adapters.state.write_file_bytes", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, target)
     assert (target / "adapter_model.safetensors").read_bytes() == before

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from medmoe.adapters.spec import AdapterSpec
+from medmoe.atomic import atomic_directory
 
 _SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
@@ -54,13 +55,17 @@ class FullFineTune(AdapterSpec):
         yield model  # pragma: no cover
 
     def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
-        """The full model as safetensors (``save_pretrained``, sharded above ``max_shard_size``)."""
+        """The full model as safetensors (``save_pretrained``, sharded above ``max_shard_size``),
+        written into a staging folder that replaces ``directory`` whole
+        (:func:`medmoe.atomic.atomic_directory`: a kill or a full disk keeps the previous one)."""
         if not hasattr(model, "save_pretrained"):
             raise TypeError(
                 f"FullFineTune.save needs a Hugging Face model, got {type(model).__name__}"
             )
         directory = Path(directory)
-        model.save_pretrained(directory, max_shard_size=self.max_shard_size)
+        size = lambda: sum(t.nbytes for t in model.state_dict().values())  # noqa: E731
+        with atomic_directory(directory, size=size) as staging:
+            model.save_pretrained(staging, max_shard_size=self.max_shard_size)
         return directory
 
     def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:

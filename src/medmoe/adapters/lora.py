@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from medmoe.adapters.config import LLAMA_TARGETS
 from medmoe.adapters.spec import AdapterSpec
 from medmoe.adapters.state import ADAPTER_WEIGHTS
+from medmoe.atomic import atomic_directory
 
 BIASES = ("none", "all", "lora_only")
 
@@ -116,9 +117,14 @@ class LoRA(AdapterSpec):
             yield model
 
     def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
-        """``peft``'s ``save_pretrained``: ``adapter_model.safetensors`` + ``adapter_config.json``."""
+        """``peft``'s ``save_pretrained``: ``adapter_model.safetensors`` + ``adapter_config.json``,
+        written into a staging folder that replaces ``directory`` whole
+        (:func:`medmoe.atomic.atomic_directory`: a kill or a full disk keeps the previous one)."""
         directory = Path(directory)
-        _peft_model(model, "save").save_pretrained(directory, safe_serialization=True)
+        peft_model = _peft_model(model, "save")
+        size = lambda: sum(t.nbytes for t in self.adapter_tensors(peft_model).values())  # noqa: E731
+        with atomic_directory(directory, size=size) as staging:
+            peft_model.save_pretrained(staging, safe_serialization=True)
         return directory
 
     def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:

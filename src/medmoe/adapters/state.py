@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from medmoe.adapters.config import MoELoRAConfig
@@ -24,6 +23,7 @@ from medmoe.adapters.moe_lora import (
     raw_log_tau_from_legacy,
     scalar_log_tau_as_vector,
 )
+from medmoe.atomic import atomic_directory, write_file_bytes
 
 # The file names of every adapter medmoe writes (peft's names, so peft LoRA matches them).
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -67,26 +67,17 @@ def write_adapter_files(
 ) -> Path:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``directory``, whole.
 
-    Both files go into a temporary sibling folder that is swapped in at the end, so a failure
-    part-way never replaces a good adapter with a partial one.
+    Both files go into a staging folder beside ``directory`` that replaces it in one step at
+    the end (:func:`medmoe.atomic.atomic_directory`): a kill or a full disk part-way never
+    replaces a good adapter with a partial one; a full disk raises
+    :class:`~medmoe.atomic.AtomicWriteError` naming ``directory`` and the bytes needed.
     """
+    weights = safetensors_bytes(tensors)
+    config = json.dumps(description, indent=2, sort_keys=True).encode()
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        save_file(tensors, staging / ADAPTER_WEIGHTS)
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(description, indent=2, sort_keys=True))
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_directory(directory, size=len(weights) + len(config)) as staging:
+        write_file_bytes(staging / ADAPTER_WEIGHTS, weights)
+        write_file_bytes(staging / ADAPTER_CONFIG, config)
     return directory
 
 

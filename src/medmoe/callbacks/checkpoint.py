@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import threading
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +44,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from medmoe.atomic import atomic_write_stream
 from medmoe.resume import continue_schedule
 
 __all__ = ["AtomicCheckpointIO", "ResumableCheckpoint", "atomic_torch_save"]
@@ -57,23 +56,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` into a temporary file beside ``path``, fsync, then rename over ``path``.
 
     The rename is atomic on POSIX file systems: ``path`` is always either the previous whole
-    file or the new whole file, whatever happens during the write.
+    file or the new whole file, whatever happens during the write (a kill -9 included). A
+    failed write (a full disk) raises :class:`medmoe.atomic.AtomicWriteError`, one line
+    naming ``path`` and the bytes the checkpoint needs (:func:`medmoe.atomic.atomic_write_stream`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_stream(path, lambda file: torch.save(obj, file))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
