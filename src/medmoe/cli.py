@@ -31,7 +31,7 @@ from medmoe.errors import (
 from medmoe.model import MedMoEModule
 
 EXIT_INPUT_ERROR = 2
-COMMANDS = ("fit", "validate", "test", "predict")
+COMMANDS = ("fit", "validate", "test", "predict")  # and "harness" (medmoe.eval.harness_cli)
 DEBUG_FLAG = "--debug"
 
 
@@ -253,6 +253,10 @@ def main(args: list[str] | None = None) -> None:
             from medmoe.predict import predict_main
 
             predict_main(PredictCLI(args=[a for a in given[1:] if a != DEBUG_FLAG]))
+        elif given[:1] == ["harness"]:
+            from medmoe.eval.harness_cli import harness_main
+
+            raise SystemExit(harness_main([a for a in given[1:] if a != DEBUG_FLAG]))
         else:
             run_cli(args)
     except ArgumentError as err:  # jsonargparse: a bad key, type or value in the config
