@@ -50,14 +50,20 @@ def tiny_base(tmp_path):
     return model, tokenizer
 
 
-def test_adapted_model_through_hflm_equals_medmoe_scorer(tmp_path):
+def trained_adapter(tmp_path, seed: int = 3):
+    """``tmp_path/base`` (a tiny Llama) and ``tmp_path/adapter`` (MoE-LoRA, B away from zero)."""
     model, tokenizer = tiny_base(tmp_path)
     apply_moe_lora(model, MoELoRAConfig(**SMALL))
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in moe_lora_layers(model):  # a "trained" adapter: B away from zero
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.5)
     save_adapter(model, tmp_path / "adapter")
+    return model, tokenizer
+
+
+def test_adapted_model_through_hflm_equals_medmoe_scorer(tmp_path):
+    trained_adapter(tmp_path)
 
     adapted, tok = load_adapted_for_harness(
         tmp_path / "base", tmp_path / "adapter", torch_dtype=torch.float32

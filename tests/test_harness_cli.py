@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medmoe.adapters import MoELoRAConfig, apply_moe_lora, moe_lora_layers, save_adapter
 from medmoe.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_harness_adapter import RECORDS, SMALL, tiny_base  # noqa: E402
+from test_harness_adapter import RECORDS, trained_adapter  # noqa: E402
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -45,13 +44,7 @@ def test_medmoe_harness_writes_the_results_simple_evaluate_gives(tmp_path, capsy
     from medmoe.eval.harness import harness_lm
     from medmoe.predict import load_adapted
 
-    model, tokenizer = tiny_base(tmp_path)
-    apply_moe_lora(model, MoELoRAConfig(**SMALL))
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, layer in moe_lora_layers(model):  # a "trained" adapter: B away from zero
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.5)
-    save_adapter(model, tmp_path / "adapter")
+    _, tokenizer = trained_adapter(tmp_path, seed=5)
     tasks = _local_task(tmp_path)
     out = tmp_path / "out"
     args = ["harness", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
