@@ -7,8 +7,10 @@ errors and Namespace dumps) and returns it as one sentence for the CLI's last st
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,7 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} does not exist (ckpt_path)")
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): a write was cut off")
+    _check_zip_records(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
@@ -119,6 +122,41 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
             "(give the last.ckpt a medmoe fit wrote)"
         )
     return checkpoint
+
+
+def _check_zip_records(path: Path) -> None:
+    """A PyTorch zip checkpoint's records against their CRC-32 (``torch.load`` does not check
+    them: a flipped byte in a tensor would load as a wrong weight). Reads the whole file once."""
+    if not zipfile.is_zipfile(path):
+        return  # a truncated zip has no central directory: torch.load names it below
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise ValueError(
+            f"checkpoint {path} cannot be read: it is truncated or corrupted ({short_reason(err)})"
+        ) from None
+    if bad is not None:
+        raise ValueError(
+            f"checkpoint {path} is corrupted: its record {bad!r} fails the CRC-32 check (the "
+            "file was damaged after it was written); use an earlier checkpoint"
+        )
+
+
+def read_json_file(path: str | os.PathLike, what: str) -> Any:
+    """The JSON value in ``path``; ValueError naming ``what`` and ``path`` for a truncated or
+    malformed file (``json``'s own error names neither)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not UTF-8 text ({err.reason})") from None
+    except json.JSONDecodeError as err:
+        cut = err.pos >= len(err.doc.rstrip()) or err.msg.startswith("Unterminated string")
+        problem = "is truncated (cut off mid-file)" if cut else "is not valid JSON"
+        raise ValueError(
+            f"{what} {path} {problem}: {err.msg} (line {err.lineno}, column {err.colno})"
+        ) from None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from medmoe.adapters.spec import AdapterSpec
+from medmoe.adapters.state import read_safetensors
 from medmoe.atomic import atomic_directory
 
 _SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
@@ -80,7 +80,7 @@ class FullFineTune(AdapterSpec):
             raise FileNotFoundError(f"no *.safetensors files in {directory}")
         state: dict[str, torch.Tensor] = {}
         for path in files:
-            state.update(load_file(path))
+            state.update(read_safetensors(path))  # every file whole before any is copied
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"{directory}: unexpected tensors {result.unexpected_keys[:5]}")

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from medmoe.adapters.config import LLAMA_TARGETS
 from medmoe.adapters.spec import AdapterSpec
-from medmoe.adapters.state import ADAPTER_WEIGHTS
+from medmoe.adapters.state import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_safetensors
 from medmoe.atomic import atomic_directory
+from medmoe.errors import read_json_file
 
 BIASES = ("none", "all", "lora_only")
 
@@ -131,15 +132,20 @@ class LoRA(AdapterSpec):
         """Load onto the PeftModel from :meth:`apply`, or wrap a bare base model with the file's
         adapter (``PeftModel.from_pretrained``). Missing or unexpected LoRA tensors raise."""
         from peft import PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         directory = Path(directory)
         weights = directory / ADAPTER_WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"no peft adapter weights at {weights}")
+        saved = read_safetensors(weights)  # both files checked before the model is touched
+        config_path = directory / ADAPTER_CONFIG
+        if config_path.is_file() and not isinstance(
+            read_json_file(config_path, "adapter config"), dict
+        ):
+            raise ValueError(f"adapter config {config_path} holds no JSON object")
         if not isinstance(model, PeftModel):
             return PeftModel.from_pretrained(model, directory, is_trainable=True)
-        result = set_peft_model_state_dict(model, load_file(weights))
+        result = set_peft_model_state_dict(model, saved)
         unexpected = list(result.unexpected_keys)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing or unexpected:

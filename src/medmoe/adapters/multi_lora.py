@@ -15,7 +15,6 @@ each domain adapter in turn (:mod:`medmoe.callbacks.scoring` reports the mean an
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from medmoe.adapters.config import LLAMA_TARGETS
@@ -39,8 +37,10 @@ from medmoe.adapters.state import (
     ADAPTER_WEIGHTS,
     adapters_disabled,
     copy_matching_tensors,
+    read_safetensors,
     write_adapter_files,
 )
+from medmoe.errors import read_json_file
 
 METHOD = "MultiLoRA"
 ROUTING_ATTRIBUTE = "medmoe_task_routing"
@@ -391,8 +391,8 @@ class MultiLoRA(AdapterSpec):
             raise FileNotFoundError(
                 f"expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} in {directory}"
             )
-        description = json.loads(config_path.read_text())
-        if description.get("method") != METHOD:
+        description = read_json_file(config_path, "adapter config")
+        if not isinstance(description, dict) or description.get("method") != METHOD:
             raise ValueError(f"{config_path} is not a {METHOD} adapter")
         saved_config = MultiLoRA(**description["config"])
         for key in ("num_tasks", "r", "target_modules"):
@@ -401,7 +401,8 @@ class MultiLoRA(AdapterSpec):
                     f"{config_path}: {key}={getattr(saved_config, key)!r} but this MultiLoRA has "
                     f"{key}={getattr(self, key)!r}"
                 )
+        saved = read_safetensors(weights_path)  # before touching the model
         if not multi_lora_layers(model):
             self.apply(model)
-        copy_matching_tensors(layer_adapter_tensors(model), load_file(weights_path), weights_path)
+        copy_matching_tensors(layer_adapter_tensors(model), saved, weights_path)
         return model

@@ -24,6 +24,7 @@ from medmoe.adapters.moe_lora import (
     scalar_log_tau_as_vector,
 )
 from medmoe.atomic import atomic_directory, write_file_bytes
+from medmoe.errors import read_json_file
 
 # The file names of every adapter medmoe writes (peft's names, so peft LoRA matches them).
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -87,8 +88,8 @@ def read_adapter_config(directory: str | os.PathLike) -> MoELoRAConfig:
         raise FileNotFoundError(
             f"no adapter config at {path} (expected {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS})"
         )
-    description = json.loads(path.read_text())
-    if "medmoe_config" not in description:
+    description = read_json_file(path, "adapter config")
+    if not isinstance(description, dict) or "medmoe_config" not in description:
         raise ValueError(f"{path} has no 'medmoe_config' key; is it a medmoe adapter?")
     return MoELoRAConfig.from_dict(description["medmoe_config"])
 
@@ -105,7 +106,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRA
         raise FileNotFoundError(f"no adapter weights at {weights_path}")
     saved = read_safetensors(weights_path)  # before touching the model: a bad file changes nothing
     config_path = directory / ADAPTER_CONFIG
-    description = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    description = read_json_file(config_path, "adapter config") if config_path.is_file() else {}
+    if not isinstance(description, dict):
+        raise ValueError(f"adapter config {config_path} holds no JSON object")
     parametrisation = description.get(TAU_PARAMETRISATION_KEY, "legacy_clamp")
     if parametrisation not in ("legacy_clamp", TAU_PARAMETRISATION):
         raise ValueError(
@@ -114,7 +117,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRA
             "written before the soft tau bound)"
         )
     if not any(isinstance(m, MoELoRALinear) for m in model.modules()):
-        apply_moe_lora(model, read_adapter_config(directory))
+        apply_moe_lora(model, read_adapter_config(directory))  # read whole before it adapts
     saved = {
         key: scalar_log_tau_as_vector(value) if key.endswith(".log_tau") else value
         for key, value in saved.items()
@@ -167,12 +170,20 @@ def copy_matching_tensors(
 def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a safetensors file; ValueError naming ``path`` if it is truncated or foreign."""
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except Exception as err:  # safetensors raises SafetensorError / OSError
         raise ValueError(
             f"adapter weights {path} cannot be read: the file is truncated or not safetensors "
             f"({' '.join(str(err).split())[:120]})"
         ) from None
+    # safetensors keeps no checksum: a damaged tensor shows, if at all, as non-finite values
+    damaged = [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
+    if damaged:
+        raise ValueError(
+            f"adapter weights {path} are damaged: {damaged[:3]} hold non-finite values "
+            "(NaN or inf); the file was corrupted or written by a diverged run"
+        )
+    return tensors
 
 
 @contextmanager
