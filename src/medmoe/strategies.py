@@ -257,7 +257,8 @@ def _check_deepspeed_accelerator_is_cpu() -> None:
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Data-parallel FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's
-    ``ModelParallelStrategy``: every decoder layer sharded on its own, then the rest of the model.
+    ``ModelParallelStrategy``: every decoder layer sharded on its own, and the decoder
+    (embeddings, final norm) and the LM head as units of their own (:func:`shard_decoder_layers`).
 
     The parameters keep their own dtypes (``MixedPrecisionPolicy(param_dtype=None)``): the frozen
     base as loaded (bf16 in med.yaml), the adapter's factors, routers and ``log_tau`` in fp32;
@@ -374,9 +375,9 @@ def shard_decoder_layers(model: nn.Module, mesh: Any, reduce_dtype: torch.dtype)
     The decoder and the head are units of their own, and the model is none, because medmoe's
     loss calls them directly (:func:`medmoe.losses.target_token_losses`) while generation calls
     the model: FSDP2 makes whichever unit runs first a root, and a model-level unit first
-    initialised under the decoder would be refused. A head tied to
-    the input embeddings shares the decoder's unit, which then stays unsharded from its forward
-    to its backward. No parameter is cast (``param_dtype=None``): each keeps its dtype;
+    initialised under the decoder would be refused. A head tied to the input embeddings shares
+    the decoder's unit, which then stays unsharded from its forward to its backward. No
+    parameter is cast (``param_dtype=None``): each keeps its dtype;
     gradients are reduced in ``reduce_dtype``.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
