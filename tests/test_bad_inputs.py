@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +53,14 @@ class Case:
     code: int = 2
     command: str = "fit"
     base: tuple[str, ...] = field(default=BASE)
+    # run before the CLI: (tmp dir, monkeypatch, request) -> more substrings the line must hold
+    setup: Callable[[Path, pytest.MonkeyPatch, pytest.FixtureRequest], tuple[str, ...]] | None = (
+        None
+    )
+
+
+# (case, seconds from main() to its exit, last stderr line), filled as the cases run
+TIMES: list[tuple[str, float, str]] = []
 
 
 def arg(*values: str) -> Callable[[Path, Path], list[str]]:
@@ -109,6 +121,65 @@ def load_weights(cut: bool):
         return ["--trainer.callbacks+", json.dumps(callback)]
 
     return build
+
+
+def corrupted_ckpt(tmp: Path, run: Path) -> str:
+    data = bytearray(last(run).read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    return write(tmp, "flipped.ckpt", bytes(data))
+
+
+def adapter_config_cut(tmp: Path, run: Path) -> str:
+    target = Path(adapter_copy(tmp, run, cut=False))
+    config = target / "adapter_config.json"
+    config.write_bytes(config.read_bytes()[:40])
+    return str(target)
+
+
+def run_dir(tmp: Path) -> Path:
+    return tmp / "runs" / "demo" / "version_0"
+
+
+def parent_is_a_file(tmp: Path, monkeypatch, request) -> tuple[str, ...]:
+    (tmp / "afile").write_text("not a directory")
+    return ()
+
+
+def read_only_save_dir(tmp: Path, monkeypatch, request) -> tuple[str, ...]:
+    """This machine runs as root (chmod cannot make a directory read-only for it): os.access
+    is told that the save_dir is read-only."""
+    locked = tmp / "ro"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: Path(path) != locked and real(path, mode, **kw)
+    )
+    return ()
+
+
+def held_by_another_fit(tmp: Path, monkeypatch, request) -> tuple[str, ...]:
+    """Another process holds the run directory's lock (as a running ``medmoe fit`` does)."""
+    code = (
+        "import sys, time; from medmoe.run_lock import RunDirectoryLock; "
+        "RunDirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir(tmp))], stdout=subprocess.PIPE, text=True
+    )
+
+    def stop() -> None:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+    request.addfinalizer(stop)
+    assert holder.stdout.readline().strip() == "held"
+    return (f"in use by process {holder.pid}",)
+
+
+def save_dir(path: str) -> Callable[[Path, Path], list[str]]:
+    return lambda tmp, run: ["--trainer.logger.init_args.save_dir", str(tmp / path)]
 
 
 PUBMED_ROW = json.loads((FIXTURES / "pubmedqa.jsonl").read_text().splitlines()[0])
@@ -181,6 +252,39 @@ CASES = [
             "./no/such/model",
         ),
         ("model_name_or_path", "./no/such/model", "no existing local directory"),
+    ),
+    Case(
+        "model_path_like_missing",
+        arg(
+            "--model.init_args.tiny_llama",
+            "null",
+            "--model.init_args.model_name_or_path",
+            "models/no_such_model",
+        ),
+        ("model_name_or_path", "'models/no_such_model'", "no existing local directory"),
+        setup=lambda tmp, monkeypatch, request: (
+            (tmp / "models").mkdir(),
+            monkeypatch.chdir(tmp),
+            ("nearest existing parent is models",),
+        )[-1],
+    ),
+    Case(
+        "run_dir_parent_is_a_file",
+        save_dir("afile/runs"),
+        ("afile", "is a file, not a directory"),
+        setup=parent_is_a_file,
+    ),
+    Case(
+        "run_dir_read_only",
+        save_dir("ro"),
+        ("run directory", "is not writable", "read-only"),
+        setup=read_only_save_dir,
+    ),
+    Case(
+        "run_dir_locked_by_another_fit",
+        arg("--trainer.logger.init_args.version", "0"),
+        ("run directory", "version_0", "one writer per run"),
+        setup=held_by_another_fit,
     ),
     Case(
         "tokenizer_missing",
@@ -275,6 +379,7 @@ CASES = [
         ckpt(lambda tmp, run: write(tmp, "junk.ckpt", b"\x00junk" * 100)),
         ("junk.ckpt", "cannot be read"),
     ),
+    Case("ckpt_corrupted", ckpt(corrupted_ckpt), ("flipped.ckpt", "corrupted", "CRC-32")),
     Case("ckpt_foreign", ckpt(foreign_ckpt), ("foreign.ckpt", "not a medmoe training checkpoint")),
     Case(
         "resume_other_adapter",
@@ -356,6 +461,12 @@ CASES = [
         ("adapter_model.safetensors", "truncated"),
         command="predict",
     ),
+    Case(
+        "predict_truncated_adapter_config",
+        lambda tmp, run: ["--adapter_dir", adapter_config_cut(tmp, run)],
+        ("adapter_config.json", "truncated"),
+        command="predict",
+    ),
     # --- a fault while training: exit 1, no traceback
     Case(
         "nan_loss",
@@ -367,8 +478,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_names_the_fault(case, trained, tmp_path, capsys):
+def test_bad_input_names_the_fault(case, trained, tmp_path, capsys, monkeypatch, request):
     before = _digest(trained)
+    extra = case.setup(tmp_path, monkeypatch, request) if case.setup else ()
     args = [
         case.command,
         *case.base,
@@ -378,14 +490,28 @@ def test_bad_input_names_the_fault(case, trained, tmp_path, capsys):
         "3",
         *case.args(tmp_path, trained),
     ]
+    started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
         main(args)
+    seconds = time.perf_counter() - started
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert exit_.value.code == case.code, err[-3000:]
     final = lines[-1]
     assert final.startswith("medmoe: error: "), err[-3000:]
-    for name in case.names:
+    for name in (*case.names, *extra):
         assert name in final, (name, final)
     assert "Traceback" not in err and "Namespace(" not in err
     assert _digest(trained) == before  # nothing earlier lost or rewritten
+    TIMES.append((case.id, seconds, final))
+
+
+def test_zz_time_to_error_table(capsys):
+    """The time from ``main()`` to each case's error (in-process: the imports are paid once,
+    by the first case and the conftest's trained run), printed as a table."""
+    if not TIMES:
+        pytest.skip("no bad-input case ran")
+    with capsys.disabled():
+        print(f"\n{len(TIMES)} bad-input cases, seconds from main() to the error:")
+        for case, seconds, final in TIMES:
+            print(f"{case:34s} {seconds:6.2f}  {final[:150]}")

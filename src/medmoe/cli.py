@@ -27,6 +27,7 @@ from medmoe.errors import (
     describe_union_error,
     describe_user_error,
     read_checkpoint,
+    short_reason,
 )
 from medmoe.model import MedMoEModule
 
@@ -68,7 +69,31 @@ class MedMoECLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._guard_run_directory()
+        self._lock_run_directory()
         _count_steps_in_the_progress_bar(self.trainer)
+
+    def _lock_run_directory(self) -> None:
+        """Refuse a run directory that cannot be written, and one another live ``medmoe fit``
+        holds (:class:`~medmoe.run_lock.RunDirectoryLock`, naming its process id); rank zero
+        holds the lock for the fit (released in :meth:`_run_subcommand`, however it ends)."""
+        from medmoe.run_lock import RunDirectoryBusy, RunDirectoryLock
+
+        if os.environ.get("LOCAL_RANK", "0") != "0" or self.trainer.global_rank != 0:
+            return
+        if self.trainer.logger is None or self.trainer.log_dir is None:
+            return
+        log_dir = Path(self.trainer.log_dir)
+        _check_writable(log_dir)
+        lock = RunDirectoryLock(log_dir)
+        try:
+            lock.acquire()
+        except RunDirectoryBusy as err:
+            raise FileExistsError(str(err)) from None
+        except OSError as err:
+            raise NotADirectoryError(
+                f"run directory {log_dir} cannot be written ({short_reason(err)})"
+            ) from None
+        self._run_lock = lock
 
     def after_fit(self) -> None:
         from medmoe.callbacks.checkpoint import ResumableCheckpoint
@@ -127,6 +152,26 @@ class MedMoECLI(LightningCLI):
                 message = "no checkpoint was written: add a ResumableCheckpoint callback"
             sys.stderr.write(f"medmoe: {by} stopped the run at global step {step}; {message}\n")
             raise SystemExit(EXIT_CODES.get(by, 1)) from None
+        finally:
+            lock = getattr(self, "_run_lock", None)
+            if lock is not None:
+                self._run_lock = None
+                lock.release()
+
+
+def _check_writable(directory: Path) -> None:
+    """NotADirectoryError naming ``directory`` when it (or, not made yet, its nearest existing
+    parent) is no writable directory: refused before the fit writes anything."""
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"run directory {directory} cannot be created: {existing} is a file, not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NotADirectoryError(
+            f"run directory {directory} is not writable ({existing} is read-only for this user); "
+            "choose another trainer.logger.init_args.save_dir"
+        )
 
 
 def _count_steps_in_the_progress_bar(trainer) -> None:

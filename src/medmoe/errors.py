@@ -165,16 +165,23 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def local_or_hub(name: str, key: str) -> str:
     """``name`` as a local path if it exists, else as a hub id if it looks like one.
 
-    A string that looks like a path (``./x``, ``/x``, ``~/x``, ``a/b/c``) but does not exist
-    raises FileNotFoundError at once, naming ``key``: no hub retries for a mistyped path.
+    A string that looks like a path and does not exist raises FileNotFoundError at once,
+    naming ``key``: no hub retries (and no "couldn't connect" text) for a mistyped path. A path
+    is ``./x``, ``/x``, ``~/x``, anything with more than one ``/``, and an ``a/b`` whose ``a``
+    is an existing directory here (``models/no_such_model`` beside a ``models/`` folder).
     """
     path = Path(name).expanduser()
     if path.exists():
         return str(path)
-    if not HUB_ID.match(name) or name.endswith((".", "-")):
+    looks_like_path = name.startswith((".", "/", "~")) or (
+        "/" in name and Path(name.split("/", 1)[0]).expanduser().is_dir()
+    )
+    if looks_like_path or not HUB_ID.match(name) or name.endswith((".", "-")):
+        parent = next((p for p in path.parents if p.is_dir()), None)
+        where = f" (its nearest existing parent is {parent})" if parent is not None else ""
         raise FileNotFoundError(
-            f"{key} {name!r} is no existing local directory (and no hub id, which looks like "
-            "'org/name')"
+            f"{key} {name!r} is no existing local directory{where}, and no hub id (which looks "
+            "like 'org/name')"
         )
     return name
 
