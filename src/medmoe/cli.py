@@ -88,6 +88,8 @@ class MedMoECLI(LightningCLI):
         try:
             lock.acquire()
         except RunDirectoryBusy as err:
+            if _lock_holder(lock.path) == os.getpid():
+                return  # the experiment runner holds it for this process (an inherited lock)
             raise FileExistsError(str(err)) from None
         except OSError as err:
             raise NotADirectoryError(
@@ -157,6 +159,15 @@ class MedMoECLI(LightningCLI):
             if lock is not None:
                 self._run_lock = None
                 lock.release()
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The process id a run directory's lock file names (the runner names its worker)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _check_writable(directory: Path) -> None:
