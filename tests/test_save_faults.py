@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_llama
+from test_atomic import full_disk_after
 
 import medmoe.atomic as atomic
 from medmoe.adapters import MoELoRAConfig, apply_moe_lora, load_adapter, save_adapter
@@ -34,21 +35,6 @@ from medmoe.callbacks.checkpoint import AtomicCheckpointIO, atomic_torch_save
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(allowed_ranks=[2, 4, 8], layer_ranges={"1-2": 2, "3-4": 4}, dropout=0.0)
-
-
-def full_disk_after(monkeypatch: pytest.MonkeyPatch, room: int) -> None:
-    """Every raw write of medmoe.atomic hits a full disk once ``room`` bytes are used."""
-    used = [0]
-
-    def write(fd: int, data) -> int:
-        left = room - used[0]
-        if left <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        written = os.write(fd, bytes(data[:left]))
-        used[0] += written
-        return written
-
-    monkeypatch.setattr(atomic, "_write", write)
 
 
 def hidden_leftovers(directory: Path) -> list[str]:
