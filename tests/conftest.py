@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 # One thread: on the shared 2-core machines small matmuls stall with two.
 torch.set_num_threads(1)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether any thread of process ``pid`` still runs (Linux ``/proc``).
+
+    A leader shown as a zombie is not enough: its other threads may still be exiting, and the
+    files the process holds (a run directory's lock) stay open until the last of them ends. An
+    exited process whose parent has not reaped it yet counts as gone.
+    """
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        threads = [t for t in tasks.iterdir() if t.name.isdigit()]
+    except OSError:
+        return False
+    for thread in threads:
+        try:
+            state = (thread / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # it ended while being read
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 # LlamaConfig keyword arguments of the tiny Llama (also MedMoEModule's ``tiny_llama``)

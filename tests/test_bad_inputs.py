@@ -506,6 +506,31 @@ def test_bad_input_names_the_fault(case, trained, tmp_path, capsys, monkeypatch,
     TIMES.append((case.id, seconds, final))
 
 
+@pytest.mark.parametrize("case_id", ["run_dir_parent_is_a_file", "run_dir_read_only"])
+def test_an_unwritable_run_directory_is_refused_before_anything_loads(
+    case_id, tmp_path, capsys, monkeypatch, request
+):
+    """The config alone refutes it: no tokenizer, data or base model is loaded first."""
+    import medmoe.data.datamodule as datamodule
+    import medmoe.model as model
+
+    case = next(c for c in CASES if c.id == case_id)
+    case.setup(tmp_path, monkeypatch, request)
+    loaded = []
+    for module, name in ((datamodule, "load_tokenizer"), (model, "load_base_model")):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, _real=real, _name=name, **k: loaded.append(_name) or _real(*a, **k),
+        )
+    with pytest.raises(SystemExit) as exit_:
+        main([case.command, *case.base, *case.args(tmp_path, tmp_path)])
+    final = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and all(name in final for name in case.names), final
+    assert loaded == []
+
+
 def test_zz_time_to_error_table(capsys):
     """The time from ``main()`` to each case's error (in-process: the imports are paid once,
     by the first case and the conftest's trained run), printed as a table."""

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_run  # noqa: E402
+from conftest import process_alive  # noqa: E402
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -386,9 +387,9 @@ def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint_and_exit_143(tmp_
     process.send_signal(signal.SIGTERM)
     start = time.monotonic()
     assert process.wait(timeout=60) == 143
-    while any(_alive(pid) for pid in ranks) and time.monotonic() - start < 60:
+    while any(process_alive(pid) for pid in ranks) and time.monotonic() - start < 60:
         time.sleep(0.5)
-    assert not any(_alive(pid) for pid in ranks), "a rank outlived the launcher by 60 s"
+    assert not any(process_alive(pid) for pid in ranks), "a rank outlived the launcher by 60 s"
     stopped_at = _checkpoint_step(last)
     assert 8 <= stopped_at < 400
     # the checkpoint resumes: two more steps to the end
@@ -406,13 +407,3 @@ def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint_and_exit_143(tmp_
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     # the resumed run (a new log version) ends by exporting the adapter
     assert list((tmp_path / "rehearsal").glob("version_*/adapter/adapter_model.safetensors"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped) is gone for our purpose
-    status = Path(f"/proc/{pid}/stat")
-    return status.exists() and status.read_text().split()[2] != "Z"

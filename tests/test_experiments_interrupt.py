@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import process_alive
 from safetensors.torch import load_file
 
 import medmoe.experiments.runner as runner
@@ -60,20 +61,11 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    """Running, not a zombie (an orphan's reaper may be slow to reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def wait_gone(pids: list[int], seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return [p for p in pids if alive(p)]
+    return [p for p in pids if process_alive(p)]
 
 
 def raising(error: BaseException):
@@ -222,7 +214,7 @@ def test_a_worker_dies_with_its_parent_even_a_killed_one(tmp_path, armed) -> Non
         assert time.monotonic() < deadline and parent.poll() is None
         time.sleep(0.05)
     pid = int(pid_file.read_text())
-    assert alive(pid)
+    assert process_alive(pid)
     parent.kill()
     parent.wait()
     assert wait_gone([pid], 15) == []

@@ -67,6 +67,14 @@ class MedMoECLI(LightningCLI):
         if ckpt_path:
             read_checkpoint(ckpt_path)
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse an unwritable run directory from the config alone, before the tokenizer, the
+        data or the model are loaded (:meth:`before_fit` checks the logger's own directory)."""
+        if self.subcommand != "fit" or os.environ.get("LOCAL_RANK", "0") != "0":
+            return
+        for directory in _configured_log_dirs(self.config.fit.trainer):
+            _check_writable(directory)
+
     def before_fit(self) -> None:
         self._guard_run_directory()
         self._lock_run_directory()
@@ -168,6 +176,35 @@ def _lock_holder(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def _configured_log_dirs(trainer) -> list[Path]:
+    """The directories the configured loggers write under, as far as the config says.
+
+    ``trainer``: the parsed ``trainer`` section. A logger given by class path contributes its
+    ``save_dir`` (then ``name`` and ``version`` where given, as TensorBoardLogger and CSVLogger
+    lay them out); ``logger: true`` (or unset) Lightning's default ``lightning_logs`` under
+    ``default_root_dir``; ``logger: false`` nothing.
+    """
+    root = Path(trainer.get("default_root_dir") or os.getcwd())
+    loggers = trainer.get("logger")
+    if loggers is None or loggers is True:
+        return [root / "lightning_logs"]
+    if loggers is False:
+        return []
+    found = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if not init_args or not init_args.get("save_dir"):
+            continue  # a logger instance, or one whose directory only it knows
+        directory = Path(str(init_args["save_dir"]))
+        name, version = init_args.get("name"), init_args.get("version")
+        if name:
+            directory /= str(name)
+            if version is not None:
+                directory /= version if isinstance(version, str) else f"version_{version}"
+        found.append(directory)
+    return found
 
 
 def _check_writable(directory: Path) -> None:
