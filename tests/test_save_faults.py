@@ -277,8 +277,10 @@ def test_a_kill_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path:
     assert path.read_bytes() == before
     loaded = torch.load(path, weights_only=True)
     assert loaded["global_step"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.ones(10**6))
-    atomic_torch_save(checkpoint(3.0), path)  # the next save goes through over the leftover
+    assert hidden_leftovers(tmp_path)  # the killed save's temporary file
+    atomic_torch_save(checkpoint(3.0), path)  # the next save goes through and removes it
     assert torch.load(path, weights_only=True)["global_step"] == 3
+    assert hidden_leftovers(tmp_path) == []
 
 
 def test_a_kill_during_an_adapter_save_keeps_the_previous_adapter(tmp_path: Path) -> None:
@@ -291,5 +293,39 @@ def test_a_kill_during_an_adapter_save_keeps_the_previous_adapter(tmp_path: Path
     assert {p.name: p.read_bytes() for p in target.iterdir()} == files
     loaded = loaded_adapter(target)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
-    save_adapter(model, target)  # the next save goes through beside the leftover staging
+    assert hidden_leftovers(tmp_path)  # the killed save's staging folder
+    save_adapter(model, target)  # the next save goes through and removes it
     assert {p.name: p.read_bytes() for p in target.iterdir()} == files
+    assert hidden_leftovers(tmp_path) == []
+
+
+def test_a_live_writers_temporary_files_are_left_alone(tmp_path: Path) -> None:
+    """Only leftovers of writers no longer running are removed, whoever else saves beside."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    dead = int(gone.stdout)
+    target = tmp_path / "results.json"
+    mine = tmp_path / f".results.json.{os.getpid()}.abc.tmp"  # a save under way in this process
+    orphan = tmp_path / f".results.json.{dead}.abc.tmp"
+    other = tmp_path / f".other.json.{dead}.abc.tmp"  # another target's: not this save's
+    for path in (mine, orphan, other):
+        path.write_text("partial")
+    atomic.atomic_write_text(target, "{}")
+    assert hidden_leftovers(tmp_path) == sorted([mine.name, other.name])
+
+
+def test_a_kill_before_the_symlink_swap_is_cleaned_by_the_next_publish(tmp_path: Path) -> None:
+    """DeepSpeed/FSDP2 checkpoints: a numbered directory no symlink names goes."""
+    from medmoe.strategies import publish_directory
+
+    target = tmp_path / "last.ckpt"
+    for step in (1, 2):
+        staging = tmp_path / ".last.ckpt.saving"
+        staging.mkdir()
+        (staging / "step").write_text(str(step))
+        if step == 2:
+            (tmp_path / ".last.ckpt.7").mkdir()  # renamed, then killed before the swap
+        publish_directory(staging, target)
+    assert (target / "step").read_text() == "2"
+    assert hidden_leftovers(tmp_path) == [os.readlink(target)]

@@ -15,6 +15,11 @@ target's name always holds either the whole previous directory or the whole new 
 exchange is not available the previous directory is renamed aside first (``.<name>.old``) and
 restored by the next save if a kill fell between the two renames.
 
+A kill -9 mid-save leaves its temporary file or staging folder behind. Their names carry the
+writer's process id (``.<name>.<pid>.<random>.tmp`` / ``.staging``), and the next save of the
+same target removes those of writers no longer running (:func:`remove_orphans`), so a resumed run
+does not pile up dead checkpoints.
+
 A leaf module (standard library only): the experiment runner's results and reports, the fit's
 checkpoint and its adapter export use it.
 """
@@ -37,6 +42,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_stream",
     "atomic_write_text",
+    "remove_orphans",
     "write_file_bytes",
 ]
 
@@ -151,6 +157,47 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_orphans(target: str | os.PathLike, suffix: str) -> list[Path]:
+    """Remove the temporary files (``suffix`` ``.tmp``) or staging folders (``.staging``) that
+    saves of ``target`` by processes no longer running left beside it; returns what went.
+
+    Only names of this module's form whose process id is gone are touched: a live writer's
+    temporary file stays, whoever it is.
+    """
+    target = Path(target)
+    prefix = f".{target.name}."
+    removed = []
+    with contextlib.suppress(OSError):
+        for path in target.parent.iterdir():
+            name = path.name
+            if not (name.startswith(prefix) and name.endswith(suffix)):
+                continue
+            pid = name[len(prefix) :].split(".", 1)[0]
+            if not pid.isdigit() or _running(int(pid)):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            removed.append(path)
+    return removed
+
+
 def atomic_write_stream(
     path: str | os.PathLike,
     produce: Callable[[IO[bytes]], None],
@@ -176,7 +223,10 @@ def atomic_write_stream(
                 mode = path.stat().st_mode & 0o7777
             except FileNotFoundError:
                 mode = 0o666 & ~_UMASK
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_orphans(path, ".tmp")
+        fd, temporary = tempfile.mkstemp(
+            prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent
+        )
     except OSError as error:
         raise AtomicWriteError(error.errno, _describe(path, needed(0), error), path) from error
     sink = _Sink(fd)
@@ -308,8 +358,11 @@ def atomic_directory(
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         _restore_retired(directory)
+        remove_orphans(directory, ".staging")
         staging = Path(
-            tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent)
+            tempfile.mkdtemp(
+                prefix=_temporary_prefix(directory), suffix=".staging", dir=directory.parent
+            )
         )
         os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp creates 0700; give the usual mode
         yield staging

@@ -224,7 +224,8 @@ def publish_directory(staging: Path, target: Path) -> None:
     ``staging`` is renamed to ``.<target name>.<n>`` (n counting up) and a symlink to it
     replaces ``target`` with ``os.replace``; the directory ``target`` named before is removed
     afterwards. A ``target`` that is a real directory (written before this existed) is moved
-    aside first, so the previous checkpoint survives until the new one is in place.
+    aside first, so the previous checkpoint survives until the new one is in place. Numbered
+    directories no symlink names (a kill fell between the rename and the swap) are removed.
     """
     previous = target.resolve() if target.is_symlink() else None
     if target.exists() and not target.is_symlink():
@@ -241,6 +242,9 @@ def publish_directory(staging: Path, target: Path) -> None:
     os.replace(link, target)
     if previous is not None and previous != final.resolve():
         shutil.rmtree(previous, ignore_errors=True)
+    for stale in target.parent.glob(f".{target.name}.*"):  # a kill before a symlink swap
+        if stale.name[len(target.name) + 2 :].isdigit() and stale != final:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _check_deepspeed_accelerator_is_cpu() -> None:
