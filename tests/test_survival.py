@@ -298,3 +298,46 @@ def test_overlapping_evaluation_is_refused_or_warned_when_allowed(tmp_path):
         tasks=[TaskConfig("mmlu", source=str(mmlu))], replay=[], tokenizer="byte", max_length=512
     )
     single.setup("fit")
+
+
+# --- one writer per run directory ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_fit_into_a_running_fits_directory_is_refused_naming_it(tmp_path, capsys):
+    """Two real ``medmoe fit`` processes: the second (a resume of the first's ``last.ckpt``, as
+    a user who thinks the first died would start) is refused naming the first's process id,
+    before it writes anything, and the first trains on."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    version = ("--trainer.logger.init_args.version", "0")
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "medmoe",
+            *fit_args(tmp_path, *version, "--trainer.max_steps", "400"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 120
+        while not last.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert last.exists(), "the first fit wrote no checkpoint"
+        files = sorted(p.name for p in run_dir(tmp_path).iterdir())
+        torch.set_num_threads(1)
+        capsys.readouterr()
+        code = run_main(fit_args(tmp_path, *version, "--ckpt_path", str(last)))
+        final = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2, final
+        assert f"in use by process {first.pid}" in final and str(run_dir(tmp_path)) in final
+        assert first.poll() is None  # the first fit trains on
+        assert sorted(p.name for p in run_dir(tmp_path).iterdir()) == files
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 143, stderr[-2000:]
