@@ -1,6 +1,7 @@
 """Statistics over seeds: mean, sample std, Student-t 95% confidence intervals, paired
-differences and ratios across seeds, and a seed-bootstrap interval for
-any other statistic (a ratio of means).
+differences and ratios across seeds, a seed-bootstrap interval for
+any other statistic (a ratio of means), one-sided t-test p-values and Holm's step-down
+adjustment of a family of p-values.
 
 Every run of a grid shares the grid's seeds, so two methods are compared on the seeds both have
 (:func:`paired_difference`): the interval is the t interval of the per-seed differences.
@@ -21,10 +22,12 @@ __all__ = [
     "MISSING",
     "Stat",
     "bootstrap",
+    "holm",
     "paired",
     "paired_difference",
     "paired_ratio",
     "t_quantile",
+    "t_tail",
 ]
 
 CONFIDENCE = 0.95
@@ -160,3 +163,39 @@ def bootstrap(
     low = draws[min(len(draws) - 1, int(math.floor(tail * len(draws))))]
     high = draws[min(len(draws) - 1, int(math.ceil((1 - tail) * len(draws))) - 1)]
     return Stat(point, None, len(rows), False, low, high, symmetric=False)
+
+
+def t_tail(stat: Stat, null: float = 0.0, direction: float = 1.0) -> float | None:
+    """The one-sided p-value of the t test (``n - 1`` df) of ``H0: direction * (mu - null) <= 0``
+    from a t statistic's ``mean``, ``std`` and ``n``: ``P(T >= direction * (mean - null) / se)``.
+
+    ``None`` without a t interval (fewer than 2 values, or a bootstrap statistic). With a zero
+    std the test is decided by the mean alone (0 if it lies strictly on the alternative's side,
+    else 1), as the degenerate interval ``[mean, mean]`` is. The two-sided 95% interval lies
+    above ``null`` (direction 1) exactly when this p-value is below 0.025.
+    """
+    if stat.mean is None or stat.std is None or stat.n < 2:
+        return None
+    effect = direction * (stat.mean - null)
+    if stat.std == 0:
+        return 0.0 if effect > 0 else 1.0
+    return float(student_t.sf(effect / (stat.std / math.sqrt(stat.n)), stat.n - 1))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given.
+
+    With the ``m`` p-values sorted ascending, ``p_(1) <= ... <= p_(m)``, the adjusted value of
+    the k-th is ``max over j <= k of min(1, (m - j + 1) * p_(j))``; rejecting every hypothesis
+    whose adjusted p-value is below ``alpha`` is Holm's procedure at family-wise level ``alpha``
+    (Holm 1979; ``statsmodels.stats.multitest.multipletests(method="holm")``). Ties keep their
+    given order (the adjusted values of tied p-values are equal either way).
+    """
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        adjusted[i] = running
+    return adjusted
