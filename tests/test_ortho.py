@@ -12,6 +12,7 @@ from medmoe.adapters import MoELoRAConfig, apply_moe_lora, moe_lora_layers
 from medmoe.adapters.baselines import LoRA
 from medmoe.objectives.projection import (
     OrthoLoRA,
+    ProjectionReport,
     pcgrad_coefficients,
     project_task_gradients,
     projection_orders,
@@ -277,3 +278,206 @@ def test_shuffle_generator_state_resumes_the_same_task_orders():
     fresh = module()  # without the saved state the orders would differ
     restarted = [projection_orders(4, "shuffle", fresh.ortho._generator) for _ in range(3)]
     assert not all(torch.equal(a, b) for a, b in zip(expected, restarted, strict=True))
+
+
+# ----------------------------------------------------------------- domain tasks only
+def test_domain_only_projection_by_hand_leaves_the_replay_gradient_as_it_is():
+    # tasks 0, 1 domain, 2 replay; the replay gradient conflicts with both domain gradients
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+    projected = project_task_gradients(g, tasks=[0, 1])
+    # <g0, g1> = -1: g0' = g0 + g1 / 2 = (0.5, 0.5); g1' = g1 + g0 = (0, 1); g2' = g2
+    expected = torch.tensor([[0.5, 0.5], [0.0, 1.0], [-1.0, -1.0]], dtype=g.dtype)
+    torch.testing.assert_close(projected, expected)
+    assert torch.equal(projected[2], g[2])
+    # over all three, the replay gradient would be projected and projected against
+    everything = project_task_gradients(g, order="fixed")
+    assert not torch.equal(everything[2], g[2])
+    assert not torch.allclose(everything[:2].sum(0), expected[:2].sum(0))
+    # the subset order is drawn over the subset: two domain tasks give the same under shuffle
+    generator = torch.Generator().manual_seed(0)
+    shuffled = project_task_gradients(g, order="shuffle", generator=generator, tasks=[0, 1])
+    torch.testing.assert_close(shuffled, expected)
+
+
+def test_domain_only_ortho_lora_writes_projected_domain_plus_raw_replay_into_grad():
+    model, batch = _peft_model(), _batch()
+    ortho = OrthoLoRA(model, NUM_TASKS, order="fixed", projected_tasks=[0, 1])
+    assert ortho.projected_tasks == [0, 1]
+    with ortho.capture(TASK_IDS):
+        loss = _masked_lm_loss(model, batch)
+    loss.backward()
+    per_task = ortho.per_task_gradients()
+    report = ortho.project()
+    params = dict(model.named_parameters())
+    projected_pairs = 0
+    for name, (g0, g1, g2) in per_task.items():
+        dot = (g0 * g1).sum()
+        if dot < 0:
+            projected_pairs += 1
+            p0 = g0 - dot / (g1 * g1).sum() * g1
+            p1 = g1 - dot / (g0 * g0).sum() * g0
+        else:
+            p0, p1 = g0, g1
+        torch.testing.assert_close(params[name].grad, p0 + p1 + g2, rtol=1e-10, atol=1e-14)
+    assert 0 < projected_pairs < len(per_task)
+    # conflicts with the replay task exist but were left alone
+    assert report.conflicts[:, 0, 2].any() or report.conflicts[:, 1, 2].any()
+    assert torch.equal(
+        report.coefficients[:, 2], torch.eye(3, dtype=torch.float64)[2].expand(len(per_task), 3)
+    )
+    assert torch.equal(report.coefficients[:, :, 2], report.coefficients[:, 2])
+
+
+@pytest.mark.parametrize("tasks", [[0], [0, 3], [-1, 1]])
+def test_projected_tasks_need_two_valid_ids(tasks):
+    with pytest.raises(ValueError, match="projected_tasks"):
+        OrthoLoRA(_peft_model(), NUM_TASKS, projected_tasks=tasks)
+
+
+def test_projected_tasks_covering_every_task_is_the_default_rule():
+    assert OrthoLoRA(_peft_model(), NUM_TASKS, projected_tasks=[2, 1, 0]).projected_tasks is None
+
+
+# ----------------------------------------------------------------- conflict statistics
+def _report(task_grads: torch.Tensor) -> ProjectionReport:
+    """A report for one-factor-per-row gradients: task_grads [F, K, n]."""
+    gram = task_grads @ task_grads.transpose(1, 2)
+    return ProjectionReport([f"f{i}" for i in range(len(gram))], gram, torch.zeros_like(gram))
+
+
+def test_conflict_rate_is_one_for_conflicting_and_zero_for_aligned_gradients():
+    conflicting = torch.tensor([[[1.0, 0.0], [-1.0, 0.5], [-0.2, -1.0]]])  # every pair < 0
+    stats = _report(conflicting).task_conflicts()
+    assert float(stats["conflict_rate"]) == 1.0 and float(stats["task_pairs"]) == 3
+    assert float(stats["mean_cosine"]) < 0
+    aligned = torch.tensor([[[1.0, 0.0], [2.0, 0.1], [0.3, 0.3]]])
+    stats = _report(aligned).task_conflicts()
+    assert float(stats["conflict_rate"]) == 0.0 and float(stats["mean_cosine"]) > 0
+    same = _report(torch.tensor([[[1.0, 2.0], [2.0, 4.0]]])).task_conflicts()
+    torch.testing.assert_close(same["mean_cosine"], torch.tensor(1.0))
+
+
+def test_conflicts_are_over_the_whole_adapter_present_tasks_and_the_projected_subset():
+    # factor 0: tasks 0 and 1 conflict slightly; factor 1: they agree strongly -> no conflict
+    # over the whole adapter. Task 2 has no gradient (absent from the step), task 3 conflicts
+    # with task 0 in both factors.
+    grads = torch.tensor(
+        [
+            [[1.0, 0.0], [-0.1, 1.0], [0.0, 0.0], [-1.0, 0.0]],
+            [[1.0, 0.0], [3.0, 0.0], [0.0, 0.0], [-1.0, 0.0]],
+        ]
+    )
+    report = _report(grads)
+    stats = report.task_conflicts()
+    # present pairs: (0,1) +2.9 agree, (0,3) -2 conflict, (1,3) -2.9 conflict
+    assert float(stats["task_pairs"]) == 3
+    torch.testing.assert_close(stats["conflict_rate"], torch.tensor(2 / 3))
+    whole = grads.permute(1, 0, 2).reshape(4, -1)  # each task's gradient of both factors
+    cos = F.cosine_similarity(whole[:, None], whole[None, :], dim=-1)
+    torch.testing.assert_close(stats["mean_cosine"], (cos[0, 1] + cos[0, 3] + cos[1, 3]) / 3)
+    domain = report.task_conflicts([0, 1, 2])  # task 3 is replay: not counted
+    assert float(domain["conflict_rate"]) == 0.0 and float(domain["task_pairs"]) == 1
+    alone = report.task_conflicts([0, 2])  # one task with a gradient: no pair
+    assert float(alone["task_pairs"]) == 0 and float(alone["conflict_rate"]) == 0.0
+
+
+def test_domain_only_ortho_lora_in_the_training_loop_logs_conflicts_to_tensorboard(tmp_path):
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from medmoe.data import MultiTaskDataModule, TaskConfig
+    from medmoe.model import MedMoEModule
+
+    seed_everything(0)
+    data = MultiTaskDataModule(
+        tasks=[
+            TaskConfig("medqa", source="toy", max_train=16, max_eval=4),
+            TaskConfig("pubmedqa", source="toy", max_train=16, max_eval=4),
+        ],
+        replay=[TaskConfig("gsm8k", source="toy", max_train=16, max_eval=4)],
+        replay_ratio=0.25,
+        batch_size=8,
+        max_length=48,
+    )
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    tiny.update(num_attention_heads=4, num_key_value_heads=2)
+    module = MedMoEModule(
+        tiny_llama=tiny,
+        adapter=LoRA(r=2, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        vocab_size=data.vocab_size,
+        task_names=data.task_names,
+        lambda_balance=0.0,
+        lambda_kp=0.0,
+        learning_rate=1e-2,
+        gradient_projection="ortho",
+        ortho_tasks="domain",
+        loss_normalization="task_mean",
+    )
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=3,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path, name="tb", version=0),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    assert module.ortho.projected_tasks == [0, 1]  # medqa, pubmedqa; gsm8k is replay
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), {"scalars": 0})
+    events.Reload()
+    for tag in ("ortho/conflict_rate", "ortho/mean_cosine", "ortho/task_pairs"):
+        values = [e.value for e in events.Scalars(tag)]
+        assert len(values) == 3, tag
+    assert all(0.0 <= e.value <= 1.0 for e in events.Scalars("ortho/conflict_rate"))
+    assert all(-1.0 <= e.value <= 1.0 for e in events.Scalars("ortho/mean_cosine"))
+    # one domain pair at most (replay pairs are not counted), present in some step
+    assert {e.value for e in events.Scalars("ortho/task_pairs")} <= {0.0, 1.0}
+    assert max(e.value for e in events.Scalars("ortho/task_pairs")) == 1.0
+
+
+def test_domain_only_ortho_lora_needs_two_domain_tasks(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from medmoe.data import MultiTaskDataModule, TaskConfig
+    from medmoe.model import MedMoEModule
+
+    data = MultiTaskDataModule(
+        tasks=[TaskConfig("medqa", source="toy", max_train=8, max_eval=4)],
+        replay=[TaskConfig("gsm8k", source="toy", max_train=8, max_eval=4)],
+        batch_size=2,
+        max_length=48,
+    )
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    tiny.update(num_attention_heads=4, num_key_value_heads=2)
+    module = MedMoEModule(
+        tiny_llama=tiny,
+        adapter=LoRA(r=2, dropout=0.0, target_modules=["q_proj"]),
+        vocab_size=data.vocab_size,
+        task_names=data.task_names,
+        gradient_projection="ortho",
+        ortho_tasks="domain",
+    )
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with pytest.raises(ValueError, match="at least 2 domain tasks.*medqa"):
+        trainer.fit(module, datamodule=data)
+
+
+def test_an_unknown_ortho_tasks_value_names_the_accepted_ones():
+    from medmoe.model import MedMoEModule
+
+    with pytest.raises(ValueError, match="ortho_tasks must be one of all, domain"):
+        MedMoEModule(tiny_llama={}, ortho_tasks="medical")

@@ -171,6 +171,50 @@ def step_token_objective(
     return token_loss.sum() * scale + routing_loss
 
 
+def task_mean_objective(
+    token_loss: Tensor,
+    routing_loss: Tensor,
+    batch: Mapping[str, Tensor],
+    *,
+    accumulate: int,
+    world_size: int,
+) -> Tensor:
+    """A micro-batch's loss such that the optimizer step's gradient is the mean of task means.
+
+    Over the optimizer step (all ``accumulate`` micro-batches on all ``world_size`` ranks), with
+    ``N_t`` the target tokens of task ``t`` in the step (the batch's ``step_task_tokens[t]``),
+    ``S_t`` the sum of their token losses and ``P = {t : N_t > 0}`` the tasks present::
+
+        L_step = (1 / |P|) * sum_{t in P} S_t / N_t
+
+    so every task present in the step weighs the same, whatever its target length or sample
+    count. Replay (general) tasks are tasks like any other: each task id present weighs
+    ``1 / |P|``. A task absent from the step (no target token in it) is left out of ``P``: it
+    neither contributes nor dilutes the others, and with one task present ``L_step`` is that
+    task's token mean (the same value as ``step_tokens``).
+
+    Each micro-batch returns ``sum_b token_loss[b].sum() * accumulate * world_size /
+    (N_{task_b} * |P|) + routing_loss``; Lightning divides by ``accumulate`` and DDP (or ZeRO)
+    averages over ranks, so the step's gradient is that of ``L_step``, however its samples are
+    split over micro-batches and ranks (``N_t`` and ``P`` are counts over the whole step,
+    computed by the data stream without communication). The routing terms stay per-micro-batch
+    means, averaged as before.
+    """
+    for key in ("step_task_tokens", "task_id"):
+        if key not in batch:
+            raise KeyError(
+                f"loss_normalization='task_mean' needs the batch's {key!r} ('step_task_tokens': "
+                "the target tokens of each task in the whole optimizer step), which "
+                "medmoe.data.MultiTaskDataModule's training stream attaches; with another data "
+                "source set model.loss_normalization: micro_batch"
+            )
+    counts = batch["step_task_tokens"].to(token_loss.dtype)  # [K]
+    present = (counts > 0).sum().clamp_min(1)  # |P|
+    weight = (accumulate * world_size) / (counts.clamp_min(1.0) * present)  # [K]
+    per_sample = token_loss.sum(1)  # [B]
+    return (per_sample * weight[batch["task_id"].to(per_sample.device)]).sum() + routing_loss
+
+
 class NonFiniteLossWatch:
     """Remembers, on the device, the first training step whose loss was NaN or infinite.
 

@@ -25,9 +25,14 @@ from medmoe.adapters.state import (
     convert_legacy_log_tau,
 )
 from medmoe.base_model import DTYPES, load_base_model
-from medmoe.losses import NonFiniteLossWatch, step_token_objective, target_token_losses
+from medmoe.losses import (
+    NonFiniteLossWatch,
+    step_token_objective,
+    target_token_losses,
+    task_mean_objective,
+)
 from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
-from medmoe.objectives.projection import OrthoLoRA
+from medmoe.objectives.projection import ORTHO_TASKS, OrthoLoRA
 from medmoe.optimization import (
     is_deepspeed,
     optimizer_class,
@@ -36,6 +41,8 @@ from medmoe.optimization import (
 )
 from medmoe.resume import check_resume
 from medmoe.rng import gather_rng_states, rank_rng_state, set_rng_states
+
+LOSS_NORMALIZATIONS = ("step_tokens", "task_mean", "micro_batch")
 
 
 class MedMoEModule(LightningModule):
@@ -81,12 +88,23 @@ class MedMoEModule(LightningModule):
             factor (Ortho-LoRA, PCGrad-style, per factor) before each optimizer step; works
             with peft LoRA and MoE-LoRA adapters. ``"none"`` trains on the summed gradient.
         projection_order: Ortho-LoRA's task order, ``"shuffle"`` (seeded) or ``"fixed"``.
+        ortho_tasks: the tasks Ortho-LoRA projects among. ``"all"`` (default): every task id,
+            replay included. ``"domain"``: the domain (medical) tasks only, as in the Ortho-LoRA
+            paper, which has no replay; the replay tasks' gradients are neither projected nor
+            projected against, and are added as they are. The domain task ids are the data's
+            (``MultiTaskDataModule.task_groups``: domain tasks first, then replay), read when
+            the fit starts; at least two domain tasks are needed.
         loss_normalization: what the task loss of a training step is divided by.
             ``"step_tokens"`` (default): the target tokens of the whole optimizer step, all
             accumulated micro-batches on all ranks (the batch's ``step_target_tokens``, which
             :class:`~medmoe.data.MultiTaskDataModule` attaches), so every target token weighs
-            the same, as transformers' ``num_items_in_batch``. ``"micro_batch"``: each
-            micro-batch's own token mean, averaged over micro-batches and ranks.
+            the same, as transformers' ``num_items_in_batch``. ``"task_mean"``: the mean over
+            the tasks present in the step of each task's token mean over the step (the batch's
+            ``step_task_tokens``), so every task present weighs the same whatever its target
+            length, replay tasks included (:func:`~medmoe.losses.task_mean_objective`).
+            ``"micro_batch"``: each micro-batch's own token mean, averaged over micro-batches
+            and ranks. ``step_tokens`` and ``task_mean`` do not depend on how the step's samples
+            are split over micro-batches and ranks.
         allow_vocab_mismatch: train although the tokenizer's size differs from the model's
             embedding rows (by default refused: ids the tokenizer never emits, or a tokenizer
             that is not the model's, go unnoticed otherwise).
@@ -114,7 +132,8 @@ class MedMoEModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         gradient_projection: Literal["none", "ortho"] = "none",
         projection_order: Literal["shuffle", "fixed"] = "shuffle",
-        loss_normalization: Literal["step_tokens", "micro_batch"] = "step_tokens",
+        ortho_tasks: Literal["all", "domain"] = "all",
+        loss_normalization: Literal["step_tokens", "task_mean", "micro_batch"] = "step_tokens",
         allow_vocab_mismatch: bool = False,
     ) -> None:
         super().__init__()
@@ -135,10 +154,14 @@ class MedMoEModule(LightningModule):
             raise ValueError(
                 f"gradient_projection must be 'none' or 'ortho', got {gradient_projection!r}"
             )
-        if loss_normalization not in ("step_tokens", "micro_batch"):
+        if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(
-                f"loss_normalization must be 'step_tokens' or 'micro_batch', got "
+                f"loss_normalization must be one of {', '.join(LOSS_NORMALIZATIONS)}, got "
                 f"{loss_normalization!r}"
+            )
+        if ortho_tasks not in ORTHO_TASKS:
+            raise ValueError(
+                f"ortho_tasks must be one of {', '.join(ORTHO_TASKS)}, got {ortho_tasks!r}"
             )
         if torch_dtype not in DTYPES:
             raise ValueError(f"torch_dtype {torch_dtype!r} is not one of {sorted(DTYPES)}")
@@ -153,6 +176,7 @@ class MedMoEModule(LightningModule):
         self.model: nn.Module | None = None
         self.moe_layers: list[MoELoRALinear] = []
         self.ortho: OrthoLoRA | None = None
+        self._ortho_task_ids: list[int] | None = None  # ortho_tasks="domain": set in setup
         self.strict_loading = False  # checkpoints leave the frozen base out
         self._val_sums: Tensor | None = None
         self._resumed_rng_states: dict[str, Any] | None = None
@@ -191,7 +215,10 @@ class MedMoEModule(LightningModule):
                     f"{self.task_names}"
                 )
             self.ortho = OrthoLoRA(
-                self.model, len(self.task_names), order=self.hparams.projection_order
+                self.model,
+                len(self.task_names),
+                order=self.hparams.projection_order,
+                projected_tasks=self._ortho_task_ids,
             )
 
     def setup(self, stage: str) -> None:
@@ -203,6 +230,30 @@ class MedMoEModule(LightningModule):
                 "projection would never reach the optimizer. Use DDP "
                 "(configs/multi_gpu/ddp.yaml) or one device for Ortho-LoRA"
             )
+        if self.hparams.gradient_projection == "ortho" and stage == "fit":
+            self._ortho_task_ids = self._ortho_projected_tasks()
+            if self.ortho is not None:  # built before the Trainer existed
+                self.ortho.projected_tasks = self._ortho_task_ids
+
+    def _ortho_projected_tasks(self) -> list[int] | None:
+        """The task ids Ortho-LoRA projects among (``ortho_tasks``); ``None`` = all."""
+        if self.hparams.get("ortho_tasks", "all") == "all":
+            return None
+        groups = getattr(self.trainer.datamodule, "task_groups", None)
+        if groups is None or len(groups) != len(self.task_names):
+            raise ValueError(
+                "ortho_tasks='domain' needs the data's task groups, one per task id "
+                f"(medmoe.data.MultiTaskDataModule.task_groups), got {groups!r} for the tasks "
+                f"{self.task_names}; train with that DataModule or set ortho_tasks: all"
+            )
+        domain = [i for i, group in enumerate(groups) if group == "domain"]
+        if len(domain) < 2:
+            raise ValueError(
+                f"ortho_tasks='domain' needs at least 2 domain tasks to project among, got "
+                f"{[self.task_names[i] for i in domain]} (task groups {groups}); set ortho_tasks: "
+                "all to project over the replay tasks too"
+            )
+        return domain
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -282,11 +333,17 @@ class MedMoEModule(LightningModule):
     def _training_objective(
         self, losses: Mapping[str, Tensor], batch: Mapping[str, Tensor]
     ) -> Tensor:
-        """The loss to back-propagate (:func:`medmoe.losses.step_token_objective`)."""
+        """The loss to back-propagate (:func:`medmoe.losses.step_token_objective` or
+        :func:`medmoe.losses.task_mean_objective`)."""
         if self.hparams.loss_normalization == "micro_batch":
             return losses["loss"]
         trainer = self._trainer
-        return step_token_objective(
+        objective = (
+            task_mean_objective
+            if self.hparams.loss_normalization == "task_mean"
+            else step_token_objective
+        )
+        return objective(
             losses["token_loss"],
             losses["routing_loss"],
             batch,
@@ -324,6 +381,9 @@ class MedMoEModule(LightningModule):
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)
             report = self.ortho.project(loss_scale=float(scaler.get_scale()) if scaler else 1.0)
             self.log("ortho/conflict_fraction", report.conflict_fraction())
+            # whole-adapter task gradients, over the projected tasks' pairs present this step
+            for key, value in report.task_conflicts(self.ortho.projected_tasks).items():
+                self.log(f"ortho/{key}", value)
         if not is_deepspeed(self.trainer.strategy):
             self._log_grad_norm()
 

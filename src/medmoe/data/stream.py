@@ -9,7 +9,9 @@ rank ``r`` of ``W`` reads global samples ``p * W + r`` for its positions ``p``.
 Because the stream is a pure function, every batch also carries the number of target tokens of
 the whole optimizer step it belongs to (all ``accumulate`` micro-batches of all ``W`` ranks),
 ``step_target_tokens``: the loss can be normalised by it without any communication, as
-transformers does with ``num_items_in_batch``.
+transformers does with ``num_items_in_batch``. ``step_task_tokens`` [num_tasks] splits that
+count by task id (it sums to ``step_target_tokens``), for the per-task mean
+(``loss_normalization: task_mean``, :func:`medmoe.losses.task_mean_objective`).
 """
 
 from __future__ import annotations
@@ -146,13 +148,17 @@ class TrainStream(IterableDataset):
         The step's micro-batches are the ``accumulate`` consecutive batches (counted from the
         start of the epoch) that contain ``position``, on every one of the ``W`` ranks.
         """
+        return sum(self.step_task_tokens(position))
+
+    def step_task_tokens(self, position: int) -> list[int]:
+        """:meth:`step_target_tokens` per task id: ``[num_tasks]`` counts that sum to it."""
         window = self.accumulate * self.batch_size
         first = position - position % window  # epochs hold whole steps, so windows align
-        total = 0
+        totals = [0] * len(self.samples)
         for global_index in range(first * self.world_size, (first + window) * self.world_size):
             task_id, index, _ = self.mixture(global_index)
-            total += self._targets[task_id][index]
-        return total
+            totals[task_id] += self._targets[task_id][index]
+        return totals
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         epoch_len = self.epoch_batches * self.batch_size
@@ -160,7 +166,8 @@ class TrainStream(IterableDataset):
         n_batches = math.ceil((end - self.start) / self.batch_size)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        step_tokens: tuple[int, int] = (-1, 0)  # (window start, its target tokens), a cache
+        # (window start, its target tokens per task), a cache: one computation per step
+        step_tokens: tuple[int, list[int]] = (-1, [])
         window = self.accumulate * self.batch_size
         for b in range(worker, n_batches, workers):
             lo = self.start + b * self.batch_size
@@ -168,8 +175,9 @@ class TrainStream(IterableDataset):
                 [self.sample(p) for p in range(lo, min(lo + self.batch_size, end))], self.pad_id
             )
             if step_tokens[0] != lo - lo % window:
-                step_tokens = (lo - lo % window, self.step_target_tokens(lo))
-            batch["step_target_tokens"] = torch.tensor(step_tokens[1], dtype=torch.long)
+                step_tokens = (lo - lo % window, self.step_task_tokens(lo))
+            batch["step_target_tokens"] = torch.tensor(sum(step_tokens[1]), dtype=torch.long)
+            batch["step_task_tokens"] = torch.tensor(step_tokens[1], dtype=torch.long)  # [K]
             yield batch
 
 

@@ -21,6 +21,17 @@ seeded once (``order="shuffle"``): deterministic for a given seed, shared by all
 (:mod:`medmoe.objectives.task_gradients`): with a batch-mean loss, each task weighs by its
 token count; weight the loss per sample beforehand if tasks should count equally.
 
+**Projected tasks.** By default every task id is projected against every other. With
+``projected_tasks`` (``MedMoEModule(ortho_tasks="domain")``: the domain tasks, as in the
+Ortho-LoRA paper, which has no replay) the rule runs among those tasks only; any other task
+``r`` (general replay) keeps ``g'_r = g_r``, is never projected against, and is added as it is.
+
+**Conflict statistics** (:meth:`ProjectionReport.task_conflicts`, logged per optimizer step as
+``ortho/conflict_rate`` and ``ortho/mean_cosine``): over the whole adapter (all factors
+concatenated, so ``<g_i, g_j> = sum_f gram[f, i, j]``), the share of pairs ``i < j`` of projected
+tasks, both with a non-zero gradient in the step, whose cosine is negative, and their mean
+cosine. ``ortho/conflict_fraction`` keeps the per-factor count over all task pairs.
+
 Every ``g'_i`` is a combination of the original gradients, ``g'_i = sum_j C_ij g_j``, so the
 sequence runs on the K x K Gram matrices of all factors at once (vectorised over factors and
 tasks); only the final ``sum_i g'_i = sum_j (sum_i C_ij) g_j`` touches the full gradients.
@@ -28,6 +39,7 @@ tasks); only the final ``sum_i g'_i = sum_j (sum_i C_ij) g_j`` touches the full 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +51,7 @@ from torch import Tensor, nn
 from medmoe.objectives.task_gradients import TaskGradientCapture
 
 ORDERS = ("shuffle", "fixed")
+ORTHO_TASKS = ("all", "domain")  # MedMoEModule's ortho_tasks: every task, or domain tasks only
 
 
 def projection_orders(
@@ -78,14 +91,37 @@ def pcgrad_coefficients(gram: Tensor, orders: Tensor) -> Tensor:
     return coeff
 
 
+def subset_coefficients(gram: Tensor, orders: Tensor, tasks: Sequence[int] | None) -> Tensor:
+    """:func:`pcgrad_coefficients` among ``tasks`` only (``None``: all): [F, K, K] -> [F, K, K].
+
+    ``orders`` is [S, S-1] over positions in ``tasks``. Every other task ``r`` keeps row and
+    column ``r`` of the identity: ``g'_r = g_r``, and no task is projected against ``g_r``.
+    """
+    if tasks is None:
+        return pcgrad_coefficients(gram, orders)
+    index = torch.as_tensor(list(tasks), dtype=torch.long, device=gram.device)
+    sub_gram = gram.index_select(1, index).index_select(2, index)  # [F, S, S]
+    factors, num_tasks, _ = gram.shape
+    coeff = torch.eye(num_tasks, dtype=gram.dtype, device=gram.device).repeat(factors, 1, 1)
+    coeff[:, index[:, None], index[None, :]] = pcgrad_coefficients(sub_gram, orders)
+    return coeff
+
+
 def project_task_gradients(
-    task_grads: Tensor, order: str = "fixed", generator: torch.Generator | None = None
+    task_grads: Tensor,
+    order: str = "fixed",
+    generator: torch.Generator | None = None,
+    tasks: Sequence[int] | None = None,
 ) -> Tensor:
-    """The projected per-task gradients ``g'_i`` of one factor: [K, ...] -> [K, ...]."""
+    """The projected per-task gradients ``g'_i`` of one factor: [K, ...] -> [K, ...].
+
+    ``tasks``: the task ids projected among (the others are returned unchanged); ``None``: all.
+    """
     num_tasks = task_grads.shape[0]
     flat = task_grads.reshape(1, num_tasks, -1)  # [1, K, n]
     gram = flat @ flat.transpose(1, 2)  # [1, K, K]
-    coeff = pcgrad_coefficients(gram, projection_orders(num_tasks, order, generator))
+    projected = num_tasks if tasks is None else len(tasks)
+    coeff = subset_coefficients(gram, projection_orders(projected, order, generator), tasks)
     return (coeff @ flat).reshape(task_grads.shape)
 
 
@@ -121,6 +157,36 @@ class ProjectionReport:
         pairs = max(num_tasks * (num_tasks - 1), 1)
         return self.conflicts.sum() / (pairs * self.gram.shape[0])
 
+    def task_conflicts(self, tasks: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """How often whole-adapter task gradients conflict this step (scalar tensors, no sync).
+
+        With ``G = sum_f gram[f]`` (the Gram matrix of each task's gradient of all factors
+        concatenated) and the pairs ``i < j`` of ``tasks`` (default: all) whose gradients are
+        both non-zero:
+
+        - ``conflict_rate``: the share of those pairs with ``G_ij < 0`` (negative cosine);
+        - ``mean_cosine``: their mean ``G_ij / sqrt(G_ii G_jj)``;
+        - ``task_pairs``: how many pairs there are (0, and both above 0, when fewer than two
+          of the tasks have a gradient this step).
+        """
+        gram = self.gram.sum(0)  # [K, K]
+        if tasks is not None:
+            index = torch.as_tensor(list(tasks), dtype=torch.long, device=gram.device)
+            gram = gram.index_select(0, index).index_select(1, index)
+        sq_norm = gram.diagonal()  # [T]
+        live = sq_norm > 0
+        upper = torch.ones_like(gram, dtype=torch.bool).triu(1)
+        pairs = upper & live[:, None] & live[None, :]  # [T, T]
+        norms = sq_norm.clamp_min(0).sqrt()
+        cosine = gram / (norms[:, None] * norms[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
+        count = pairs.sum()
+        denominator = count.clamp_min(1).to(gram.dtype)
+        return {
+            "conflict_rate": (pairs & (gram < 0)).sum().to(gram.dtype) / denominator,
+            "mean_cosine": torch.where(pairs, cosine, torch.zeros_like(cosine)).sum() / denominator,
+            "task_pairs": count.to(gram.dtype),
+        }
+
 
 class OrthoLoRA:
     """Ortho-LoRA for the LoRA factors of ``model`` (peft LoRA or :class:`MoELoRALinear`).
@@ -147,6 +213,9 @@ class OrthoLoRA:
         num_tasks: K (>= 2); task ids lie in ``0..K-1``.
         order: ``"shuffle"`` (PCGrad's random order, seeded) or ``"fixed"`` (ascending ids).
         seed: seed of the shuffle generator.
+        projected_tasks: the task ids the rule runs among (at least two); the others' gradients
+            are added unprojected. ``None``: all ``num_tasks``. Settable later through
+            :attr:`projected_tasks`.
         adapter_name: the peft adapter to project.
         sync_distributed: all-reduce the per-task buffers when torch.distributed is initialised.
     """
@@ -158,6 +227,7 @@ class OrthoLoRA:
         *,
         order: Literal["shuffle", "fixed"] = "shuffle",
         seed: int = 0,
+        projected_tasks: Sequence[int] | None = None,
         adapter_name: str = "default",
         sync_distributed: bool = True,
     ) -> None:
@@ -168,8 +238,27 @@ class OrthoLoRA:
         self.num_tasks = num_tasks
         self.order = order
         self.sync_distributed = sync_distributed
+        self.projected_tasks = projected_tasks
         self.task_gradients = TaskGradientCapture(model, num_tasks, adapter_name=adapter_name)
         self._generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def projected_tasks(self) -> list[int] | None:
+        """Task ids the rule runs among, ascending; ``None`` = all tasks."""
+        return self._projected_tasks
+
+    @projected_tasks.setter
+    def projected_tasks(self, tasks: Sequence[int] | None) -> None:
+        if tasks is None:
+            self._projected_tasks = None
+            return
+        ids = sorted(set(int(t) for t in tasks))
+        if len(ids) < 2 or ids[0] < 0 or ids[-1] >= self.num_tasks:
+            raise ValueError(
+                f"projected_tasks must hold at least two distinct task ids in 0..{self.num_tasks - 1}"
+                f", got {list(tasks)!r}"
+            )
+        self._projected_tasks = None if len(ids) == self.num_tasks else ids
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shuffle generator's state, so a resumed run projects in the same task orders."""
@@ -204,7 +293,9 @@ class OrthoLoRA:
                 "OrthoLoRA.project: no per-task gradients were captured since the last project; "
                 "run the forward inside ortho.capture(task_ids) and backward before project()"
             )
-        orders = projection_orders(self.num_tasks, self.order, self._generator)
+        subset = self._projected_tasks
+        num_projected = self.num_tasks if subset is None else len(subset)
+        orders = projection_orders(num_projected, self.order, self._generator)
         names, grams, coefficients = [], [], []
         for group in self.task_gradients.groups:
             task_grads = group.buffer  # [F, K, n]
@@ -212,7 +303,7 @@ class OrthoLoRA:
                 dist.all_reduce(task_grads)
                 task_grads /= dist.get_world_size()
             gram = torch.bmm(task_grads, task_grads.transpose(1, 2))  # [F, K, K]
-            coeff = pcgrad_coefficients(gram, orders)  # [F, K, K]
+            coeff = subset_coefficients(gram, orders, subset)  # [F, K, K]
             column_sums = coeff.sum(dim=1)  # [F, K]: sum_i C_ij
             # .grad already holds sum_i g_i: add sum_j (sum_i C_ij - 1) g_j, exactly 0 without
             # conflicts, so a factor whose tasks agree keeps its gradient bit for bit.
