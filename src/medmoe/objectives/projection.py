@@ -18,8 +18,9 @@ a random permutation drawn per task and per :meth:`OrthoLoRA.project` call from 
 seeded once (``order="shuffle"``): deterministic for a given seed, shared by all factors.
 
 ``g_i`` is task ``i``'s share of the back-propagated loss's gradient
-(:mod:`medmoe.objectives.task_gradients`): with a batch-mean loss, each task weighs by its
-token count; weight the loss per sample beforehand if tasks should count equally.
+(:mod:`medmoe.objectives.task_gradients`): with a token-mean loss (``loss_normalization:
+step_tokens``), each task weighs by its target tokens; with ``task_mean``
+(:func:`medmoe.losses.task_mean_objective`) every task present in the step weighs the same.
 
 **Projected tasks.** By default every task id is projected against every other. With
 ``projected_tasks`` (``MedMoEModule(ortho_tasks="domain")``: the domain tasks, as in the
