@@ -49,8 +49,8 @@ def test_generation_settings_come_from_the_task_unless_overridden():
 def test_callbacks_score_real_data_with_the_harness_rendering_on_a_fixed_subset(tmp_path):
     import shutil
 
-    from medmoe.data.datamodule import _subset
     from medmoe.data.eval_protocol import build_eval_examples
+    from medmoe.data.records import fixed_subset
     from medmoe.data.sources import load_records
     from medmoe.data.tasks import get_task
 
@@ -66,7 +66,7 @@ def test_callbacks_score_real_data_with_the_harness_rendering_on_a_fixed_subset(
     scorer = TaskScorer(split="test", limit=3, shots=1)  # each subject has one dev record
     examples = scorer._fetch(trainer, "mmlu")
     records = load_records("mmlu", str(tmp_path), "test")
-    positions = _subset(list(range(len(records))), 3)
+    positions = fixed_subset(range(len(records)), 3)
     dev = load_records("mmlu", str(tmp_path), "dev")
     expected = build_eval_examples(get_task("mmlu"), records, positions, dev, 1)
     assert examples == expected and len(examples) == 3
@@ -86,8 +86,8 @@ def test_chat_template_switch_needs_a_template():
         apply_chat_template=True,
     )
     with pytest.raises(ValueError, match="has no chat template"):
-        data.eval_examples("medqa", split="test", limit=1)
+        data.eval_records.eval_examples("medqa", split="test", limit=1)
     data.tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}>"
-    [example] = data.eval_examples("medqa", split="test", limit=1)
+    [example] = data.eval_records.eval_examples("medqa", split="test", limit=1)
     assert example.prompt.startswith("[Question: ") and example.prompt.endswith("Answer:]>")
     assert example.choices == ("A", "B", "C", "D")

@@ -62,7 +62,7 @@ def test_unknown_and_duplicate_tasks():
     with pytest.raises(ValueError, match="once"):
         MultiTaskDataModule(tasks=["mmlu"], replay=["mmlu"])
     with pytest.raises(ValueError, match="not in this DataModule.*medqa"):
-        MultiTaskDataModule().eval_examples("gsm8k_hard")
+        MultiTaskDataModule().eval_records.eval_examples("gsm8k_hard")
 
 
 def test_batch_contract():
@@ -81,7 +81,7 @@ def test_batch_contract():
         name = dm.task_names[task_id]
         assert batch["task_id"][row] == task_id and bool(batch["is_general"][row]) == general
         assert general == (dm.task_groups[task_id] == "general")
-        record = dm.records(name, get_task(name).train_split)[index]
+        record = dm.eval_records.records(name, get_task(name).train_split)[index]
         prompt, target = get_task(name).styled("toy").format(record)  # toy source: toy style
         p_ids = tok(prompt)["input_ids"]
         t_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -209,16 +209,16 @@ def test_validation_loader_covers_every_task_once():
 
 def test_eval_examples_are_fixed_and_correct():
     dm = MultiTaskDataModule()
-    examples = dm.eval_examples("medqa", limit=40)
-    assert examples == dm.eval_examples("medqa", limit=40)
-    assert dm.eval_examples("medqa", limit=10) == examples[:10]
-    assert len(dm.eval_examples("medqa")) == 200
+    examples = dm.eval_records.eval_examples("medqa", limit=40)
+    assert examples == dm.eval_records.eval_examples("medqa", limit=40)
+    assert dm.eval_records.eval_examples("medqa", limit=10) == examples[:10]
+    assert len(dm.eval_records.eval_examples("medqa")) == 200
     for ex in examples:
         letter = ex.choices[ex.answer].strip()
         disease = next(line[3:] for line in ex.prompt.splitlines() if line.startswith(letter + "."))
         symptoms = ex.prompt.split(" has ")[1].split(" . ")[0].replace(" and", " ,").split(" , ")
         assert set(symptoms) <= set(DISEASES[disease][0])
-    gsm = dm.eval_examples("gsm8k", split="test", limit=3)
+    gsm = dm.eval_records.eval_examples("gsm8k", split="test", limit=3)
     assert gsm[0].reference.split("#### ")[1] == gsm[0].reference.split(" = ")[1].split("\n")[0]
 
 
@@ -232,12 +232,20 @@ def test_fixture_sources_in_the_datamodule():
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4
     # one file, carved like the hub's pqa_labeled: 2 train, 1 validation, 3 test records
-    assert [len(dm.records("pubmedqa", s)) for s in ("train", "validation", "test")] == [2, 1, 3]
+    assert [
+        len(dm.eval_records.records("pubmedqa", s)) for s in ("train", "validation", "test")
+    ] == [2, 1, 3]
     expected = load_records("pubmedqa", tasks[0].source, "validation")
-    assert dm.eval_examples("pubmedqa") == [get_task("pubmedqa").eval_example(expected[0])]
+    assert dm.eval_records.eval_examples("pubmedqa") == [
+        get_task("pubmedqa").eval_example(expected[0])
+    ]
     # one file carved for GSM8K too (10% / 5% with at least one each): 1 test, 1 validation
-    assert [len(dm.records("gsm8k", s)) for s in ("train", "validation", "test")] == [2, 1, 1]
-    assert len(dm.eval_examples("gsm8k", split="test")) == 1
+    assert [len(dm.eval_records.records("gsm8k", s)) for s in ("train", "validation", "test")] == [
+        2,
+        1,
+        1,
+    ]
+    assert len(dm.eval_records.eval_examples("gsm8k", split="test")) == 1
 
 
 def test_yaml_config_through_jsonargparse():

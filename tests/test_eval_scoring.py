@@ -338,11 +338,10 @@ def test_evaluate_gsm8k_strict_and_flexible(tokenizer):
     assert scores == {"exact_match_strict": 0.5, "exact_match_flexible": 0.5}
 
 
-def test_evaluate_rouge_l_with_shots(tokenizer):
+def test_evaluate_rouge_l_after_a_few_shot_prompt(tokenizer):
     model = Scripted(ids("the", "patient", "has", "a", "fever"))
-    examples = [GenerationExample("cough ?", "the patient has a fever")]
-    shots = [("rash ?", " yes"), ("fever ?", " no")]
-    scores = evaluate_examples(model, tokenizer, examples, "rouge_l", shots=shots)
+    examples = [GenerationExample("rash ? yes\n\nfever ? no\n\ncough ?", "the patient has a fever")]
+    scores = evaluate_examples(model, tokenizer, examples, "rouge_l")
     assert scores == {"rouge_l": pytest.approx(1.0)}
     expected = [tokenizer.bos_token_id, *ids("rash", "?", "yes", "fever", "?", "no", "cough", "?")]
     assert model.prompts[0].tolist() == expected

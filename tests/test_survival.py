@@ -273,7 +273,7 @@ def test_toy_tokenizer_warns_when_it_cannot_read_real_text():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        byte._encode("medqa", byte.records("medqa", "train"))  # bytes cover any text
+        byte._encode("medqa", byte.eval_records.records("medqa", "train"))  # bytes cover any text
 
 
 def test_overlapping_evaluation_is_refused_or_warned_when_allowed(tmp_path):

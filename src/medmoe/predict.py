@@ -166,7 +166,9 @@ def _examples(cli: Any, config: Any) -> list[dict[str, Any]]:
     names = [config.task] if config.task else data.task_names
     rows = []
     for name in names:
-        for i, example in enumerate(data.eval_examples(name, config.split, config.limit)):
+        for i, example in enumerate(
+            data.eval_records.eval_examples(name, config.split, config.limit)
+        ):
             rows.append({"task": name, "index": i, "example": example})
     return rows
 

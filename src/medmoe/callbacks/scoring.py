@@ -80,8 +80,9 @@ def _answering_adapters(
 class TaskScorer:
     """Scores tasks of the trainer's datamodule on their fixed evaluation subsets.
 
-    The datamodule provides ``task_names``, ``tokenizer`` and
-    ``eval_examples(task, split, limit)``; the task's metric comes from the task registry.
+    The datamodule provides ``task_names``, ``tokenizer`` and ``eval_records`` (a
+    :class:`~medmoe.data.records.TaskRecords`: ``eval_examples(task, split, limit, ...)``); the
+    task's metric comes from the task registry.
     Methods with one adapter per task (an adapter with ``task_context``) score each task with
     its own adapter.
     The evaluation protocol is the task's (:class:`medmoe.data.tasks.Task`, harness-identical
@@ -109,7 +110,7 @@ class TaskScorer:
     ) -> list[str]:
         """The ``tasks`` the datamodule has; a warning names the others (if ``warn``)."""
         datamodule = trainer.datamodule
-        for attribute in ("task_names", "tokenizer", "eval_examples"):
+        for attribute in ("task_names", "tokenizer", "eval_records"):
             if not hasattr(datamodule, attribute):
                 raise TypeError(
                     f"{owner} needs a datamodule with {attribute!r} (a MultiTaskDataModule); "
@@ -126,7 +127,7 @@ class TaskScorer:
     def _fetch(self, trainer: Trainer, task: str) -> list[Any]:
         key = (id(trainer.datamodule), task, self.split, self.limit, self.shots, self.shot_split)
         if key not in self._examples:
-            examples = trainer.datamodule.eval_examples(
+            examples = trainer.datamodule.eval_records.eval_examples(
                 task,
                 split=self.split,
                 limit=self.limit,

@@ -1,9 +1,13 @@
-"""Data: task definitions, dataset sources, the toy clinic, tokenizers and the DataModule."""
+"""Data, by concern: task definitions (``tasks``) and their prompt styles (``styles``), where
+records come from (``sources``, the toy clinic), the evaluation record store (``records``) and
+its few-shot selection (``eval_protocol``), tokenizers, the training stream and the DataModule."""
 
 from medmoe.data.collate import IGNORE_INDEX, Sample, collate, encode_pairs
-from medmoe.data.datamodule import MultiTaskDataModule, TaskConfig
+from medmoe.data.datamodule import MultiTaskDataModule
+from medmoe.data.records import TaskRecords
 from medmoe.data.sources import load_records
 from medmoe.data.stream import Mixture, StreamLoader, TrainStream, mixture_weights
+from medmoe.data.task_config import TaskConfig
 from medmoe.data.tasks import TASKS, Carve, RecordError, Task, get_task
 from medmoe.data.tokenizers import (
     byte_level_tokenizer,
@@ -25,6 +29,7 @@ __all__ = [
     "StreamLoader",
     "Task",
     "TaskConfig",
+    "TaskRecords",
     "TrainStream",
     "byte_level_tokenizer",
     "collate",

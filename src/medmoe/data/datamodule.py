@@ -1,5 +1,10 @@
 """The multi-task DataModule: domain tasks plus general replay, as tokenised batches.
 
+The DataModule tokenises and batches; the records themselves (by task and split, the overlap
+check, scorer examples) are its :attr:`MultiTaskDataModule.eval_records`
+(:class:`~medmoe.data.records.TaskRecords`), and each task's config is a
+:class:`~medmoe.data.task_config.TaskConfig`.
+
 Batches are dicts of ``input_ids`` [B, T], ``attention_mask`` [B, T], ``labels`` [B, T]
 (``-100`` on prompt and padding; the target and its eos are learned), ``task_id`` [B] (an index
 into :attr:`MultiTaskDataModule.task_names`) and ``is_general`` [B] (the sample is general
@@ -10,10 +15,8 @@ subset, so per-task losses can be split by ``task_id``.
 
 from __future__ import annotations
 
-import json
-import random
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,88 +26,15 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from medmoe.data.collate import Sample, collate, encode_pairs
-from medmoe.data.eval_protocol import build_eval_examples
+from medmoe.data.records import TaskRecords, fixed_subset
 from medmoe.data.sources import Record, carved_sizes, load_records
 from medmoe.data.stream import Mixture, Sampling, StreamLoader, TrainStream, mixture_weights
-from medmoe.data.tasks import (
-    PROMPT_STYLES,
-    GenerationExample,
-    MultipleChoiceExample,
-    PromptStyle,
-    Task,
-    get_task,
-)
+from medmoe.data.task_config import TaskConfig
+from medmoe.data.tasks import get_task
 from medmoe.data.tokenizers import load_tokenizer
 from medmoe.data.toy_clinic import TOY_TASKS
 
-SUBSET_SEED = 0  # fixes every max_train / max_eval / limit subset, whatever the run's seed
-
-
-@dataclass
-class TaskConfig:
-    """One task of the mixture.
-
-    Args:
-        name: a registered task (``pubmedqa``, ``medqa``, ``clinical_sum``, ``mmlu``, ``gsm8k``).
-        source: ``"toy"``, a hub id, or a local file/directory; ``None`` = the task's hub id.
-        split: the training split; ``None`` = the task's (``train``; ``auxiliary_train`` for MMLU).
-        eval_split: the validation split; ``None`` = ``validation`` (carved where missing).
-        eval_source: where ``eval_split`` comes from; ``None`` = ``source``.
-        max_train: keep this many training records (a fixed subset); ``None`` = all.
-        max_eval: keep this many validation (and test) records, a fixed subset; ``None`` = all.
-        weight: mixture weight multiplier (the weight itself with ``sampling: fixed``); 1.0.
-        field_map: renames upstream fields to the task's schema, e.g. ``{"note": "text"}``;
-            every key must be a field of the source.
-        allow_overlap: evaluate although some evaluation records are also training records
-            (warned loudly); by default such a task is refused.
-        prompt_style: ``harness`` (lm-evaluation-harness's prompts, few-shot selection,
-            generation settings) or ``toy`` (the toy clinic's short format, which the shipped
-            toy base was trained on); ``None`` = ``toy`` for ``source: toy``, else ``harness``.
-        num_fewshot: demonstrations per evaluated example; ``None`` = the task's default
-            (harness style: MMLU 5 from ``dev``, GSM8K 5 from ``train``, others 0; toy: 0).
-    """
-
-    name: str
-    source: str | None = None
-    split: str | None = None
-    eval_split: str | None = None
-    eval_source: str | None = None
-    max_train: int | None = None
-    max_eval: int | None = None
-    weight: float | None = None
-    field_map: dict[str, str] | None = None
-    allow_overlap: bool = False
-    prompt_style: PromptStyle | None = None
-    num_fewshot: int | None = None
-
-    def __post_init__(self) -> None:
-        get_task(self.name)  # ValueError listing the known tasks
-        if self.prompt_style is not None and self.prompt_style not in PROMPT_STYLES:
-            raise ValueError(
-                f"{self.name}: prompt_style {self.prompt_style!r} is not one of "
-                f"{', '.join(map(repr, PROMPT_STYLES))}"
-            )
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise ValueError(
-                f"{self.name}: num_fewshot must be >= 0 or None, got {self.num_fewshot}"
-            )
-        for name in ("max_train", "max_eval"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{self.name}: {name} must be >= 1 or None, got {value}")
-        if self.weight is not None and self.weight < 0:
-            raise ValueError(f"{self.name}: weight must be >= 0, got {self.weight}")
-
-    @property
-    def style(self) -> PromptStyle:
-        """The prompt style in force (``prompt_style``, or the source's when unset)."""
-        if self.prompt_style is not None:
-            return self.prompt_style
-        return "toy" if self.source == "toy" else "harness"
-
-    @property
-    def task(self) -> Task:
-        return get_task(self.name).styled(self.style)
+__all__ = ["MultiTaskDataModule", "TaskConfig"]
 
 
 def _as_config(entry: TaskConfig | dict[str, Any] | str) -> TaskConfig:
@@ -116,10 +46,6 @@ def _as_config(entry: TaskConfig | dict[str, Any] | str) -> TaskConfig:
 
 
 UNK_WARN_RATE = 0.01  # warn when more than 1% of a task's tokens are the tokenizer's <unk>
-
-
-def _fingerprint(record: Record) -> str:
-    return json.dumps(record, sort_keys=True, default=str)
 
 
 def _warn_unknown_tokens(
@@ -142,13 +68,6 @@ def _warn_unknown_tokens(
             "clinic's words)",
             stacklevel=3,
         )
-
-
-def _subset(records: list[Record], limit: int | None) -> list[Record]:
-    """A fixed pseudo-random subset (the same for every call and every run)."""
-    order = list(range(len(records)))
-    random.Random(SUBSET_SEED).shuffle(order)
-    return [records[i] for i in order[:limit]]
 
 
 TOY_DOMAIN = [
@@ -241,7 +160,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.add_bos_token = add_bos_token
         self.apply_chat_template = apply_chat_template
         self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._records: dict[tuple[str, str], list[Record]] = {}
+        self.eval_records = TaskRecords(self.configs, self._chat_tokenizer)
+        """The tasks' records by split and the scorers' examples (:class:`TaskRecords`)."""
         self._train: list[list[tuple[list[int], list[int]]]] | None = None
         self._eval: dict[str, list[Sample]] = {}
 
@@ -273,51 +193,14 @@ class MultiTaskDataModule(L.LightningDataModule):
         """Number of token ids (``len(tokenizer)``, added tokens included)."""
         return len(self.tokenizer)
 
+    def _chat_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The tokenizer whose chat template renders evaluation prompts, if asked for."""
+        return self.tokenizer if self.apply_chat_template else None
+
     def task_id(self, name: str) -> int:
         if name not in self.task_names:
             raise ValueError(f"task {name!r} is not in this DataModule; it has {self.task_names}")
         return self.task_names.index(name)
-
-    # --- records ------------------------------------------------------------------------------
-
-    def train_split(self, name: str) -> str:
-        """The split task ``name`` trains on (e.g. ``auxiliary_train`` for MMLU)."""
-        cfg = self.configs[self.task_id(name)]
-        return cfg.split or cfg.task.train_split
-
-    def records(self, name: str, split: str | None = None) -> list[Record]:
-        """All records of task ``name``'s ``split`` (default: its eval split), loaded once."""
-        cfg = self.configs[self.task_id(name)]
-        split = split or cfg.eval_split or cfg.task.eval_split
-        train_split = self.train_split(name)
-        source = cfg.source if split == train_split else (cfg.eval_source or cfg.source)
-        # a separate eval_source file: both files are used whole (else one file is carved)
-        whole = cfg.eval_source is not None and cfg.eval_source != cfg.source
-        if (name, split) not in self._records:
-            self._records[name, split] = load_records(
-                cfg.task, source, split, cfg.field_map, whole_file=whole
-            )
-        return self._records[name, split]
-
-    def check_disjoint(self, name: str, split: str) -> None:
-        """Refuse (or, with ``allow_overlap``, warn) if ``split`` shares records with training."""
-        cfg = self.configs[self.task_id(name)]
-        train_split = self.train_split(name)
-        if split == train_split:
-            return
-        train = {_fingerprint(r) for r in self.records(name, train_split)}
-        evaluated = self.records(name, split)
-        shared = sum(_fingerprint(r) in train for r in evaluated)
-        if not shared:
-            return
-        message = (
-            f"task {name!r}: {shared} of {len(evaluated)} {split} records are also training "
-            f"({train_split}) records (source {cfg.source}, eval_source {cfg.eval_source}): "
-            "its scores would measure memorisation; give disjoint splits"
-        )
-        if not cfg.allow_overlap:
-            raise ValueError(f"{message}, or set allow_overlap: true on the task to accept it")
-        warnings.warn(f"CONTAMINATED EVALUATION: {message}", stacklevel=2)
 
     def _encode(self, name: str, records: list[Record]) -> list[tuple[list[int], list[int]]]:
         task = self.configs[self.task_id(name)].task
@@ -331,49 +214,13 @@ class MultiTaskDataModule(L.LightningDataModule):
         if key not in self._eval:
             samples = []
             for task_id, cfg in enumerate(self.configs):
-                split = cfg.task.test_split if test else cfg.eval_split
-                records = _subset(self.records(cfg.name, split), cfg.max_eval)
+                split = cfg.test_split_name if test else cfg.eval_split_name
+                records = fixed_subset(self.eval_records.records(cfg.name, split), cfg.max_eval)
                 general = self.task_groups[task_id] == "general"
                 for ids, labels in self._encode(cfg.name, records):
                     samples.append(Sample(ids, labels, task_id, general))
             self._eval[key] = samples
         return self._eval[key]
-
-    def eval_examples(
-        self,
-        task_name: str,
-        split: str | None = None,
-        limit: int | None = None,
-        num_fewshot: int | None = None,
-        fewshot_split: str | None = None,
-    ) -> list[MultipleChoiceExample | GenerationExample]:
-        """Scorer examples over a fixed subset of ``split`` (default: the task's eval split).
-
-        The subset is the same on every call: the first ``limit`` (default: ``max_eval``) of a
-        fixed shuffle, so a larger limit extends a smaller one. Each example's context holds
-        ``num_fewshot`` demonstrations (default: the task config's, else the task's) from
-        ``fewshot_split`` (default: the task's, e.g. MMLU ``dev``, else its training split),
-        selected as the harness does (:mod:`medmoe.data.eval_protocol`).
-        """
-        cfg = self.configs[self.task_id(task_name)]
-        task = cfg.task
-        split = split or cfg.eval_split or task.eval_split
-        records = self.records(task_name, split)
-        positions = _subset(list(range(len(records))), limit or cfg.max_eval)
-        n = next(v for v in (num_fewshot, cfg.num_fewshot, task.num_fewshot) if v is not None)
-        if fewshot_split is None:
-            harness = task.prompt_style == "harness" and task.harness_fewshot_split is not None
-            fewshot_split = task.fewshot_split if harness else self.train_split(task_name)
-        pool = self.records(task_name, fewshot_split) if n > 0 else []
-        return build_eval_examples(
-            task,
-            records,
-            positions,
-            pool,
-            n,
-            same_split=fewshot_split == split,
-            tokenizer=self.tokenizer if self.apply_chat_template else None,
-        )
 
     # --- Lightning hooks ----------------------------------------------------------------------
 
@@ -381,22 +228,22 @@ class MultiTaskDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self._train is None:
             self._train = []
             for cfg in self.configs:
-                records = self.records(cfg.name, cfg.split or cfg.task.train_split)
+                records = self.eval_records.records(cfg.name, cfg.train_split_name)
                 if cfg.max_train is not None:
-                    records = _subset(records, cfg.max_train)
+                    records = fixed_subset(records, cfg.max_train)
                 if not records:
                     raise ValueError(self._no_records_message(cfg))
                 self._train.append(self._encode(cfg.name, records))
         if stage in (None, "fit", "validate"):
             for cfg in self.configs:
-                self.check_disjoint(cfg.name, cfg.eval_split or cfg.task.eval_split)
+                self.eval_records.check_disjoint(cfg.name, cfg.eval_split_name)
             self._eval_samples()
         if stage == "test":
             for cfg in self.configs:
-                self.check_disjoint(cfg.name, cfg.task.test_split)
+                self.eval_records.check_disjoint(cfg.name, cfg.test_split_name)
 
     def _no_records_message(self, cfg: TaskConfig) -> str:
-        split = cfg.split or cfg.task.train_split
+        split = cfg.train_split_name
         message = f"task {cfg.name!r} has no training records ({split} of source {cfg.source})"
         path = Path(str(cfg.source)).expanduser()
         if path.is_file():

@@ -17,15 +17,17 @@ gsm8k           openai/gsm8k (main)                  gsm8k     generation, refer
 ==============  ===================================  ========  ===============================
 
 Prompt styles (:attr:`Task.prompt_style`, set per task config, see
-:class:`~medmoe.data.datamodule.TaskConfig`):
+:class:`~medmoe.data.task_config.TaskConfig`); each has one renderer
+(:mod:`medmoe.data.styles`), chosen when the task is styled:
 
 - ``"harness"`` (default for real data): the prompts, few-shot selection, generation settings
   and metrics of EleutherAI's lm-evaluation-harness 0.4.x tasks ``mmlu_<subject>``,
-  ``medqa_4options``, ``pubmedqa`` and ``gsm8k`` (see docs/evaluation.md for the table);
+  ``medqa_4options``, ``pubmedqa`` and ``gsm8k`` (see docs/evaluation.md for the table):
+  :meth:`Task.harness_prompt`, :meth:`Task.harness_description` and the ``harness_*`` settings;
 - ``"toy"`` (the toy clinic's): the short format the shipped toy base was trained on, words its
-  264-word vocabulary has (MMLU ``"Question: "`` without a subject line, PubMedQA
-  ``"Context: "`` with contexts joined by spaces, zero-shot by default, generation cut at a
-  blank line).
+  264-word vocabulary has (:meth:`Task.toy_prompt`: MMLU ``"Question: "`` without a subject
+  line, PubMedQA ``"Context: "`` with contexts joined by spaces; zero-shot by default,
+  generation cut at a blank line).
 
 Splits an upstream lacks are carved from another split by a fixed seeded permutation
 (:class:`Carve`): PubMedQA's ``pqa_labeled`` ships 1000 records as ``train`` only, so
@@ -39,14 +41,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
+from medmoe.data.styles import FewshotSampler, PromptStyle, Renderer, renderer
 from medmoe.eval.examples import GenerationExample, MultipleChoiceExample
 
 Record = Mapping[str, Any]
 Group = Literal["domain", "general"]
 Metric = Literal["accuracy", "gsm8k", "rouge_l"]
-PromptStyle = Literal["harness", "toy"]
-PROMPT_STYLES: tuple[str, ...] = ("harness", "toy")
-FewshotSampler = Literal["first_n", "random"]
 # lm-evaluation-harness: target_delimiter " " between a question and its answer, and
 # fewshot_delimiter "\n\n" after each demonstration; the default sampler's seed.
 TARGET_DELIMITER = " "
@@ -131,8 +131,10 @@ def _require_str(record: Record, name: str) -> str:
 class Task:
     """One task: where its records come from, how they are formatted, how they are scored.
 
-    Subclasses implement :meth:`format`, :meth:`eval_example` and, for value checks beyond the
-    presence of :attr:`required_fields`, :meth:`check`.
+    Subclasses implement :meth:`harness_prompt` (and :meth:`toy_prompt` where the toy clinic's
+    question reads differently), :meth:`answer_text`, :meth:`eval_example` and, for value
+    checks beyond the presence of :attr:`required_fields`, :meth:`check`. Everything that
+    differs between prompt styles is :attr:`renderer`'s (:mod:`medmoe.data.styles`).
     """
 
     name: str
@@ -156,45 +158,45 @@ class Task:
     harness_max_new_tokens: ClassVar[int] = 256
 
     def __post_init__(self) -> None:
-        if self.prompt_style not in PROMPT_STYLES:
-            raise ValueError(
-                f"task {self.name!r}: prompt_style {self.prompt_style!r} is not one of "
-                f"{', '.join(map(repr, PROMPT_STYLES))}"
-            )
+        # the one place the style is looked up (ValueError naming the accepted styles)
+        object.__setattr__(self, "_renderer", renderer(self.prompt_style, f"task {self.name!r}"))
+
+    @property
+    def renderer(self) -> Renderer:
+        """The renderer of :attr:`prompt_style` (:mod:`medmoe.data.styles`)."""
+        return self._renderer  # type: ignore[attr-defined]
 
     def styled(self, prompt_style: PromptStyle) -> Task:
         """This task with ``prompt_style`` (``"harness"`` or ``"toy"``)."""
         return replace(self, prompt_style=prompt_style)
 
-    # --- evaluation protocol ------------------------------------------------------------------
+    # --- evaluation protocol (the style's) ----------------------------------------------------
 
     @property
     def num_fewshot(self) -> int:
         """Default number of demonstrations (harness convention; 0 for the toy style)."""
-        return self.harness_num_fewshot if self.prompt_style == "harness" else 0
+        return self.renderer.num_fewshot(self)
 
     @property
     def fewshot_sampler(self) -> FewshotSampler:
         """``first_n`` (the pool's first n, in order) or ``random`` (the harness's default
         sampler: ``random.Random(1234)``, one draw per evaluated record in split order)."""
-        return self.harness_sampler if self.prompt_style == "harness" else "first_n"
+        return self.renderer.sampler(self)
 
-    @property
-    def fewshot_split(self) -> str:
-        """The split demonstrations come from (the harness's ``fewshot_split``)."""
-        if self.prompt_style == "harness" and self.harness_fewshot_split is not None:
-            return self.harness_fewshot_split
-        return self.train_split
+    def fewshot_split(self, train_split: str | None = None) -> str:
+        """The split demonstrations come from (the harness's ``fewshot_split``, e.g. MMLU's
+        ``dev``), else the training split in force (default: the task's own)."""
+        return self.renderer.fewshot_split(self, train_split or self.train_split)
 
     @property
     def stop(self) -> tuple[str, ...]:
         """Stop strings of generation (the harness's ``until``)."""
-        return self.harness_stop if self.prompt_style == "harness" else ("\n\n",)
+        return self.renderer.stop(self)
 
     @property
     def max_new_tokens(self) -> int:
         """Generation budget (the harness's ``max_gen_toks``, 256 by default)."""
-        return self.harness_max_new_tokens if self.prompt_style == "harness" else 64
+        return self.renderer.max_new_tokens(self)
 
     def fewshot_pool(self, pool: Sequence[Record], record: Record) -> list[Record]:
         """The records demonstrations for ``record`` are drawn from (default: all of ``pool``)."""
@@ -207,12 +209,24 @@ class Task:
         return ""
 
     def description(self, record: Record) -> str:
-        """Text before the demonstrations and the question (the harness's ``description``)."""
-        return ""
+        """Text before the demonstrations and the question, in this task's style."""
+        return self.renderer.description(self, record)
 
     def prompt(self, record: Record) -> str:
-        """The question text, ending before the answer (the harness's ``doc_to_text``)."""
+        """The question text, ending before the answer, in this task's style."""
+        return self.renderer.prompt(self, record)
+
+    def harness_description(self, record: Record) -> str:
+        """The harness's ``description`` (default: none)."""
+        return ""
+
+    def harness_prompt(self, record: Record) -> str:
+        """The harness's ``doc_to_text``: the question, ending before the answer."""
         raise NotImplementedError
+
+    def toy_prompt(self, record: Record) -> str:
+        """The toy clinic's question text (default: the harness's)."""
+        return self.harness_prompt(record)
 
     def answer_text(self, record: Record) -> str:
         """The gold answer without its delimiter (``doc_to_choice[doc_to_target]``)."""
@@ -224,26 +238,27 @@ class Task:
             TARGET_DELIMITER + self.answer_text(record)
         )
 
+    def demonstrations(self, shots: Sequence[Record]) -> str:
+        """Each demonstration as ``prompt + " " + answer + "\n\n"`` (the harness's few-shot
+        block, before the question)."""
+        return "".join(
+            f"{self.prompt(s)}{TARGET_DELIMITER}{self.answer_text(s)}{FEWSHOT_DELIMITER}"
+            for s in shots
+        )
+
     def messages(self, record: Record, shots: Sequence[Record] = ()) -> list[dict[str, str]]:
         """The context as chat messages, as the harness builds them for ``apply_chat_template``
         without ``fewshot_as_multiturn``: the description as the system message, then one user
         message with the demonstrations and the prompt."""
-        solved = "".join(
-            f"{self.prompt(s)}{TARGET_DELIMITER}{self.answer_text(s)}{FEWSHOT_DELIMITER}"
-            for s in shots
-        )
         description = self.description(record)
         system = [{"role": "system", "content": description}] if description else []
-        return [*system, {"role": "user", "content": solved + self.prompt(record)}]
+        user = self.demonstrations(shots) + self.prompt(record)
+        return [*system, {"role": "user", "content": user}]
 
     def context(self, record: Record, shots: Sequence[Record] = ()) -> str:
-        """Description, each demonstration ``prompt + " " + answer + "\n\n"``, then the
-        prompt: the harness's ``fewshot_context`` (plain text, no chat template)."""
-        solved = "".join(
-            f"{self.prompt(s)}{TARGET_DELIMITER}{self.answer_text(s)}{FEWSHOT_DELIMITER}"
-            for s in shots
-        )
-        return self.description(record) + solved + self.prompt(record)
+        """Description, the demonstrations, then the prompt: the harness's ``fewshot_context``
+        (plain text, no chat template)."""
+        return self.description(record) + self.demonstrations(shots) + self.prompt(record)
 
     def eval_example(
         self, record: Record, shots: Sequence[Record] = ()
@@ -310,13 +325,15 @@ class PubMedQATask(Task):
                 f"accepted: {', '.join(map(repr, self.decisions))}",
             )
 
-    def prompt(self, record: Record) -> str:
-        """Harness (``preprocess_pubmedqa.doc_to_text``): ``Abstract:`` and the contexts one
-        per line; toy: ``Context:`` and the contexts joined by spaces."""
+    def harness_prompt(self, record: Record) -> str:
+        """``preprocess_pubmedqa.doc_to_text``: ``Abstract:`` and the contexts one per line."""
         contexts = record["context"]["contexts"]
-        if self.prompt_style == "toy":
-            return f"Context: {' '.join(contexts)}\nQuestion: {record['question']}\nAnswer:"
         return f"Abstract: {chr(10).join(contexts)}\nQuestion: {record['question']}\nAnswer:"
+
+    def toy_prompt(self, record: Record) -> str:
+        """``Context:`` and the contexts joined by spaces."""
+        contexts = record["context"]["contexts"]
+        return f"Context: {' '.join(contexts)}\nQuestion: {record['question']}\nAnswer:"
 
     def answer_text(self, record: Record) -> str:
         return record["final_decision"]
@@ -355,7 +372,7 @@ class MedQATask(Task):
                 f"{', '.join(map(repr, letters))}",
             )
 
-    def prompt(self, record: Record) -> str:
+    def harness_prompt(self, record: Record) -> str:
         """``Question: {question}``, one ``X. option`` line per letter, ``Answer:`` (both
         styles; the harness's ``preprocess_medqa.doc_to_text``)."""
         options = [record["options"][k] for k in self._letters(record)]
@@ -410,23 +427,24 @@ class MMLUTask(Task):
         subject = self.subject(record)
         return [r for r in pool if self.subject(r) == subject]
 
-    def description(self, record: Record) -> str:
-        """Harness: ``"The following are multiple choice questions (with answers) about
-        {subject with spaces}.\\n\\n"`` (none without a subject); toy: none."""
+    def harness_description(self, record: Record) -> str:
+        """``"The following are multiple choice questions (with answers) about {subject with
+        spaces}.\\n\\n"`` (none without a subject)."""
         subject = self.subject(record)
-        if self.prompt_style == "toy" or not subject:
+        if not subject:
             return ""
         return (
             "The following are multiple choice questions (with answers) about "
             f"{subject.replace('_', ' ')}.\n\n"
         )
 
-    def prompt(self, record: Record) -> str:
-        """Harness: the stripped question (no label), ``A. ..`` lines, ``Answer:``; toy: the
-        same after ``Question: ``."""
-        if self.prompt_style == "toy":
-            return prompt_mc(record["question"], record["choices"])
+    def harness_prompt(self, record: Record) -> str:
+        """The stripped question (no label), ``A. ..`` lines, ``Answer:``."""
         return prompt_mc(record["question"].strip(), record["choices"], label="")
+
+    def toy_prompt(self, record: Record) -> str:
+        """The question after ``Question: ``, ``A. ..`` lines, ``Answer:``."""
+        return prompt_mc(record["question"], record["choices"])
 
     def answer_text(self, record: Record) -> str:
         return LETTERS[record["answer"]]
@@ -455,7 +473,7 @@ class GSM8KTask(Task):
                 "'#### <number>'",
             )
 
-    def prompt(self, record: Record) -> str:
+    def harness_prompt(self, record: Record) -> str:
         """``Question: {question}\\nAnswer:`` (both styles; the harness's ``doc_to_text``)."""
         return f"Question: {record['question']}\nAnswer:"
 
@@ -490,7 +508,7 @@ class ClinicalSumTask(Task):
 
     harness_max_new_tokens: ClassVar[int] = 128  # no harness task; one summary, cut at "\n\n"
 
-    def prompt(self, record: Record) -> str:
+    def harness_prompt(self, record: Record) -> str:
         """``Note: {text}\\nSummary:`` (both styles; no harness task exists)."""
         return f"Note: {record['text']}\nSummary:"
 

@@ -10,7 +10,6 @@ from medmoe.eval.answers import (
 )
 from medmoe.eval.evaluate import METRICS, evaluate_examples
 from medmoe.eval.examples import GenerationExample, MultipleChoiceExample
-from medmoe.eval.fewshot import few_shot_prompt, fixed_subset
 from medmoe.eval.generation import generate_greedy
 from medmoe.eval.multiple_choice import MultipleChoiceResult, score_multiple_choice
 from medmoe.eval.rouge import rouge_l
@@ -25,8 +24,6 @@ __all__ = [
     "exact_match_strict",
     "extract_flexible",
     "extract_strict",
-    "few_shot_prompt",
-    "fixed_subset",
     "generate_greedy",
     "gsm8k_reference_answer",
     "normalize_answer",

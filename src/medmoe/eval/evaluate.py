@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -10,7 +9,6 @@ from torch import Tensor, nn
 
 from medmoe.eval.answers import exact_match_flexible, exact_match_strict
 from medmoe.eval.examples import GenerationExample, MultipleChoiceExample
-from medmoe.eval.fewshot import few_shot_prompt
 from medmoe.eval.generation import generate_greedy
 from medmoe.eval.multiple_choice import score_multiple_choice
 from medmoe.eval.rouge import rouge_l
@@ -60,12 +58,11 @@ def evaluate_examples(
     *,
     batch_size: int = 16,
     max_new_tokens: int = 64,
-    shots: Sequence[tuple[str, str]] = (),
     stop: Sequence[str] = ("\n\n",),
     add_bos_token: bool | None = None,
 ) -> dict[str, float]:
-    """Score ``examples`` with ``metric``, each prompt preceded by the few-shot ``shots``
-    (tasks build their own few-shot contexts; ``shots`` is for hand-made examples).
+    """Score ``examples`` with ``metric``; few-shot demonstrations are part of each example's
+    prompt (a task's :meth:`~medmoe.data.tasks.Task.context` builds them).
 
     - ``"accuracy"`` (multiple choice) -> ``{"accuracy", "acc_norm"}`` (the harness's ``acc``
       and ``acc_norm``) and, when examples carry a ``subject``, ``"accuracy/<subject>"`` per
@@ -77,10 +74,6 @@ def evaluate_examples(
     ``add_bos_token`` has the meaning of lm-eval ``HFLM``'s (``None``: the tokenizer's default).
     """
     _check(examples, metric)
-    if shots:
-        examples = [
-            dataclasses.replace(ex, prompt=few_shot_prompt(shots, ex.prompt)) for ex in examples
-        ]
     if metric == "accuracy":
         result = score_multiple_choice(
             model, tokenizer, examples, batch_size, add_bos_token=add_bos_token
