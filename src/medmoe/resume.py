@@ -35,6 +35,7 @@ REFUSED_ON_RESUME = (
     "task_names",
     "gradient_projection",
     "projection_order",
+    "ortho_tasks",
 )
 HONOURED_ON_RESUME = (
     "lambda_balance",
