@@ -270,7 +270,7 @@ def test_every_method_trains_saves_and_reloads(name, tmp_path):
     assert (out.aux_loss is not None) == (name == "med_moe_lora")
     _perturb(model)
     saved = model.save_pretrained(tmp_path / name)
-    assert type(saved_adapter(saved)) is type(model.adapter) or name == "med_moe_lora"
+    assert type(saved_adapter(saved)) is type(model.adapter)
     model.eval()
     loaded = AdaptedModel.from_pretrained(make_tiny_llama(), saved)
     with torch.no_grad():
@@ -280,8 +280,10 @@ def test_every_method_trains_saves_and_reloads(name, tmp_path):
         with pytest.raises(NotImplementedError), model.disable_adapter():
             pass
     else:
+        # peft LoRA: medmoe's description beside peft's own files (which peft alone reads)
+        beside = ["medmoe_adapter.json"] if name == "lora" else []
         assert sorted(p.name for p in saved.iterdir() if p.suffix != ".md") == sorted(
-            [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+            [ADAPTER_CONFIG, ADAPTER_WEIGHTS, *beside]
         )
         base = make_tiny_llama()
         with torch.no_grad(), model.disable_adapter():
@@ -307,6 +309,9 @@ def test_saved_adapter_names_what_it_cannot_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no adapter"):
         saved_adapter(tmp_path)
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="is a peft IA3 adapter; medmoe's methods read peft LoRA"):
+        saved_adapter(tmp_path)
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"something": "else"}))
     with pytest.raises(ValueError, match="describes no adapter"):
         saved_adapter(tmp_path)
     (tmp_path / ADAPTER_CONFIG).write_text("{not json")

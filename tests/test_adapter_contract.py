@@ -17,7 +17,15 @@ import torch
 from conftest import TINY_LLAMA, make_tiny_llama
 from torch import Tensor, nn
 
-from medmoe.adapters import MoELoRA, MoELoRAConfig, MoELoRALinear, adapter_spec
+from medmoe.adapters import (
+    MoELoRA,
+    MoELoRAConfig,
+    MoELoRALinear,
+    adapter_spec,
+    register_method,
+    registered_methods,
+    routed_layers,
+)
 from medmoe.adapters.baselines import FullFineTune, LoRA, MultiLoRA
 from medmoe.adapters.spec import AdapterSpec
 from medmoe.model import MedMoEModule
@@ -249,3 +257,158 @@ def test_a_trainable_tensor_the_adapter_does_not_declare_is_an_error():
     model.lm_head.weight.requires_grad_(True)  # would train but no checkpoint would keep it
     with pytest.raises(ValueError, match="lm_head.weight trains but MoELoRA does not declare"):
         parameter_groups(spec, model, 0.0)
+
+
+# ----------------------------------------------------------------- the one adapter format
+FIXTURES = Path(__file__).parent / "fixtures" / "adapters_v0"
+
+
+def _saved_logits(spec: AdapterSpec, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return _logits(spec, model.eval(), batch)
+
+
+def test_every_method_saves_one_description_and_the_one_loader_reads_it(case_name, tmp_path):
+    """save -> medmoe.adapters.load_adapted (the method read from the directory) and
+    medmoe.load_adapted (from a base): the logits of the model that saved it, bit for bit."""
+    import json
+
+    import medmoe
+    from medmoe.adapters import load_adapted, read_description, saved_method
+
+    batch = _batch()
+    spec, model = _adapted(case_name)
+    _train(spec, model, batch)
+    expected = _logits(spec, model, batch)
+    spec.save(model, tmp_path / "adapter", metadata={"step": 3})
+
+    description = read_description(tmp_path / "adapter")
+    assert description.format_version == 1 and description.method == spec.method_name
+    assert description.metadata == {"step": 3}
+    raw = json.loads(description.path.read_text())
+    assert raw["format"] == "medmoe-adapter"
+    assert raw["config"] == json.loads(json.dumps(spec.config_dict()))
+    assert raw["class_path"] == f"{type(spec).__module__}.{type(spec).__qualname__}"
+    found = saved_method(tmp_path / "adapter")
+    assert type(found) is type(spec) and found == spec  # a subclassed method comes back as itself
+
+    seed = 9 if case_name == "full_fine_tune" else 0
+    loaded = load_adapted(make_tiny_llama(seed=seed), tmp_path / "adapter")
+    torch.testing.assert_close(_saved_logits(found, loaded, batch), expected, rtol=0, atol=0)
+    again = medmoe.load_adapted(make_tiny_llama(seed=seed), tmp_path / "adapter")
+    torch.testing.assert_close(_saved_logits(found, again, batch), expected, rtol=0, atol=0)
+
+
+def test_a_peft_lora_directory_is_still_peft_s_own(tmp_path):
+    """The LoRA directory loads with peft alone (an independent reader) to the same logits."""
+    from peft import PeftModel
+
+    batch = _batch()
+    spec, model = _adapted("peft_lora")
+    _train(spec, model, batch)
+    spec.save(model, tmp_path / "lora")
+    names = sorted(p.name for p in (tmp_path / "lora").iterdir())
+    assert names == ["adapter_config.json", "adapter_model.safetensors", "medmoe_adapter.json"]
+    by_peft = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "lora").eval()
+    torch.testing.assert_close(
+        _logits(spec, by_peft, batch), _logits(spec, model, batch), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("method", ["moe_lora", "multi_lora", "peft_lora", "full_fine_tune"])
+def test_directories_of_the_format_before_load_to_the_outputs_that_wrote_them(method):
+    """tests/fixtures/adapters_v0 (generate.py, run with the code of that format): each loads
+    through the one loader and gives the stored logits of the model that saved it."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from medmoe.adapters import load_adapted, read_description, saved_method, task_routing
+
+    reference = load_file(FIXTURES / "reference.safetensors")
+    names = {
+        "moe_lora": "MoELoRA",
+        "multi_lora": "MultiLoRA",
+        "peft_lora": "LoRA",
+        "full_fine_tune": "FullFineTune",
+    }
+    description = read_description(FIXTURES / method)
+    assert (description.format_version, description.method) == (0, names[method])
+    base = LlamaForCausalLM.from_pretrained(FIXTURES / "base").eval()
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=reference["input_ids"]).logits, reference["base"])
+    spec = saved_method(FIXTURES / method)
+    model = load_adapted(base, FIXTURES / method).eval()
+    routed_by_task = task_routing(spec)
+    with torch.no_grad():
+        if routed_by_task is not None:
+            with routed_by_task.task_context(model, reference["task_ids"]):
+                logits = model(input_ids=reference["input_ids"]).logits
+        else:
+            logits = model(input_ids=reference["input_ids"]).logits
+    torch.testing.assert_close(logits, reference[method], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(logits, reference["base"])  # the adapter matters
+
+
+def test_a_newer_format_and_an_unknown_method_are_refused_by_name(tmp_path):
+    import json
+
+    from medmoe.adapters import load_adapted, read_description
+
+    spec, model = _adapted("moe_lora_soft")
+    spec.save(model, tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    description = json.loads(path.read_text())
+    path.write_text(json.dumps({**description, "format_version": 7}))
+    with pytest.raises(ValueError, match="adapter format 7, written by a newer medmoe"):
+        read_description(tmp_path / "a")
+    path.write_text(json.dumps({**description, "method": "Prefix"}))
+    with pytest.raises(KeyError, match="no adapter method 'Prefix' is registered"):
+        load_adapted(make_tiny_llama(), tmp_path / "a")
+
+
+def test_a_method_refuses_another_method_s_directory(tmp_path):
+    spec, model = _adapted("moe_lora_soft")
+    spec.save(model, tmp_path / "moe")
+    with pytest.raises(ValueError, match="holds a MoELoRA adapter, not a LoRA one"):
+        LoRA(r=4).load(make_tiny_llama(), tmp_path / "moe")
+
+
+# ----------------------------------------------------------------- registry and configs
+class WideConfig(MoELoRAConfig):
+    """A subclassed config that registers a method of its own."""
+
+
+class NarrowConfig(MoELoRAConfig):
+    """A subclassed config with no method of its own: it selects its parent's."""
+
+
+@register_method("WideMoELoRA", config_class=WideConfig)
+class WideMoELoRA(MoELoRA):
+    layer_cls = SharpMoELoRALinear
+
+
+def test_a_subclassed_config_selects_its_method():
+    fields = {**MOE, "allocation": "eq2", "allowed_ranks": [2]}
+    wide = adapter_spec(WideConfig(**fields))
+    assert type(wide) is WideMoELoRA and type(wide.config) is WideConfig
+    narrow = adapter_spec(NarrowConfig(**fields))
+    assert type(narrow) is MoELoRA and type(narrow.config) is NarrowConfig
+    assert registered_methods()["WideMoELoRA"] is WideMoELoRA
+    model = wide.apply(make_tiny_llama())
+    assert {type(layer) for _, layer in routed_layers(model)} == {SharpMoELoRALinear}
+
+
+def test_the_method_holds_its_config_and_yaml_still_builds_it_from_the_fields():
+    from jsonargparse import ArgumentParser
+
+    assert not issubclass(MoELoRA, MoELoRAConfig)
+    fields = {**MOE, "allocation": "uniform", "num_experts": 4, "top_k": 2}
+    spec = MoELoRA(**fields)
+    assert spec == MoELoRA(MoELoRAConfig(**fields)) and spec.top_k == 2
+    assert MoELoRA.from_config_dict(spec.config_dict()) == spec
+    parser = ArgumentParser()
+    parser.add_argument("--adapter", type=AdapterSpec)
+    parsed = parser.parse_object(
+        {"adapter": {"class_path": "medmoe.adapters.MoELoRA", "init_args": fields}}
+    )
+    built = parser.instantiate_classes(parsed).adapter
+    assert type(built) is MoELoRA and built == spec

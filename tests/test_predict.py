@@ -116,5 +116,8 @@ def test_load_adapted_changes_the_base_and_a_bad_adapter_changes_nothing(trained
         medmoe.load_adapted(base, broken)
     after = base.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         medmoe.load_adapted(base, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no adapter: expected adapter_config.json"):
+        medmoe.load_adapted(base, tmp_path / "empty")

@@ -44,22 +44,12 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from medmoe.adapters.full import FullFineTune
-from medmoe.adapters.lora import LoRA
-from medmoe.adapters.med_moe_lora import adapter_spec
-from medmoe.adapters.moe_lora import MoELoRALinear
-from medmoe.adapters.multi_lora import METHOD as MULTI_LORA_METHOD
-from medmoe.adapters.multi_lora import MultiLoRA
+from medmoe.adapters.capabilities import routed_layers, task_routing
+from medmoe.adapters.registry import adapter_spec, saved_method
 from medmoe.adapters.spec import AdapterConfig, AdapterSpec
-from medmoe.adapters.state import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    ParameterCounts,
-    parameter_counts,
-    read_adapter_config,
-)
+from medmoe.adapters.state import ParameterCounts, parameter_counts
 from medmoe.objectives.balance import BALANCE_FORMS
-from medmoe.objectives.routing import ROUTING_TOKENS, routing_losses, routing_token_mask
+from medmoe.objectives.routing import ROUTING_TOKENS, routing_token_mask
 
 __all__ = ["AdaptedCausalLMOutput", "AdaptedModel", "get_adapted_model", "saved_adapter"]
 
@@ -161,7 +151,8 @@ class AdaptedModel(PreTrainedModel):
         self.kp_delta = float(kp_delta)
         self.balance_form = balance_form
         self.routing_tokens = routing_tokens
-        self.moe_layers = [m for m in model.modules() if isinstance(m, MoELoRALinear)]
+        # the routed layers (MoE-LoRA's), whose routing the auxiliary losses read
+        self.moe_layers = [layer for _, layer in routed_layers(model)]
         self._adapter_off = 0  # depth of disable_adapter() blocks
         self._warned_no_kp = False
         if self.has_routing_losses:
@@ -282,7 +273,7 @@ class AdaptedModel(PreTrainedModel):
     # ----------------------------------------------------------------- the adapter
     @property
     def has_routing_losses(self) -> bool:
-        """Whether the forward adds routing terms: MoE-LoRA layers and a positive weight."""
+        """Whether the forward adds routing terms: routed layers and a positive weight."""
         return bool(self.moe_layers) and (self.lambda_balance > 0 or self.lambda_kp > 0)
 
     def adapter_tensors(self) -> dict[str, Tensor]:
@@ -417,7 +408,8 @@ class AdaptedModel(PreTrainedModel):
         task_ids: Tensor | None,
     ) -> None:
         """The method's per-batch hook (:meth:`AdapterSpec.prepare_batch`): multi-LoRA's task ids."""
-        if isinstance(self.adapter, MultiLoRA):
+        routed_by_task = task_routing(self.adapter)
+        if routed_by_task is not None:
             if self._adapter_off:
                 return
             if task_ids is None:
@@ -426,7 +418,7 @@ class AdaptedModel(PreTrainedModel):
                     "tensor; a dataset column 'task_ids' reaches the forward through Trainer), "
                     "or generate(..., task_ids=...)"
                 )
-            batch = {self.adapter.task_key: task_ids}
+            batch = {routed_by_task.task_key: task_ids}
         else:
             batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
             if task_ids is not None:
@@ -445,8 +437,8 @@ class AdaptedModel(PreTrainedModel):
                 "left out of the loss of batches without it",
                 stacklevel=3,
             )
-        return routing_losses(
-            self.moe_layers,
+        return self.adapter.auxiliary_losses(
+            self.model,
             token_mask,
             lambda_balance=self.lambda_balance,
             lambda_kp=self.lambda_kp,
@@ -486,14 +478,15 @@ class AdaptedModel(PreTrainedModel):
     def generate(self, *args: Any, task_ids: Tensor | int | str | None = None, **kwargs: Any):
         """The wrapped model's ``generate``; ``task_ids`` (a task id, a task name or [B] ids)
         picks multi-LoRA's adapters."""
-        if task_ids is not None and not isinstance(self.adapter, MultiLoRA):
+        routed_by_task = task_routing(self.adapter)
+        if task_ids is not None and routed_by_task is None:
             raise TypeError(
                 f"task_ids select multi-LoRA adapters; {type(self.adapter).__name__} has none"
             )
         context = (
             nullcontext()
             if task_ids is None or self._adapter_off
-            else self.adapter.task_context(self.model, task_ids)
+            else routed_by_task.task_context(self.model, task_ids)
         )
         with context:
             return self.model.generate(*args, **kwargs)
@@ -618,43 +611,10 @@ def get_adapted_model(
 
 
 def saved_adapter(directory: str | os.PathLike) -> AdapterSpec:
-    """The method that wrote an adapter directory, from its files.
-
-    ``adapter_config.json`` with ``medmoe_config``: Med-MoE-LoRA; with ``"method": "MultiLoRA"``:
-    multi-LoRA; with ``"peft_type": "LORA"``: peft LoRA. No adapter config but a ``config.json``
-    and safetensors weights: full fine-tuning.
-    """
-    import json
-
-    directory = Path(directory)
-    config_path = directory / ADAPTER_CONFIG
-    if config_path.is_file():
-        try:
-            description = json.loads(config_path.read_text())
-        except ValueError as err:
-            raise ValueError(f"{config_path} is not valid JSON ({err})") from None
-        if "medmoe_config" in description:
-            return adapter_spec(read_adapter_config(directory))
-        if description.get("method") == MULTI_LORA_METHOD:
-            return MultiLoRA(**description["config"])
-        if description.get("peft_type") == "LORA":
-            return LoRA(
-                r=int(description["r"]),
-                lora_alpha=float(description["lora_alpha"]),
-                dropout=float(description.get("lora_dropout") or 0.0),
-                target_modules=sorted(description["target_modules"]),
-                bias=description.get("bias", "none"),
-            )
-        raise ValueError(
-            f"{config_path} describes no adapter medmoe knows (Med-MoE-LoRA 'medmoe_config', "
-            f"multi-LoRA 'method', peft LoRA 'peft_type': LORA)"
-        )
-    if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
-        return FullFineTune()
-    raise FileNotFoundError(
-        f"{directory} holds no adapter: expected {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS} (or a "
-        "full model's config.json and safetensors weights)"
-    )
+    """The method that wrote an adapter directory, with its saved config: the one the
+    directory's description records (:func:`medmoe.adapters.saved_method`; any method, any
+    format, format-0 directories included)."""
+    return saved_method(directory)
 
 
 def _is_fused_lm_head(value: Any, model: nn.Module) -> bool:

@@ -16,7 +16,7 @@ JSONL file of ``{"prompt": ..., "task": optional, "choices": optional list}`` li
 ``--stop``); ``--mode score`` ranks a multiple-choice record's choices by log-likelihood. One
 JSONL line per record: ``prompt``, ``output``, ``task``, ``index`` (record number), for
 records with a known answer ``reference``, in score mode ``scores`` (per choice), and for
-MoE-LoRA ``gates``: per decoder layer, the mean gate probability of each expert over the
+routed adapters (MoE-LoRA) ``gates``: per decoder layer, the mean gate probability of each expert over the
 prompt's tokens (averaged over the layer's adapted modules).
 """
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from medmoe.adapters.moe_lora import MoELoRALinear
+from medmoe.adapters.capabilities import routed_layers
 from medmoe.eval.examples import GenerationExample, MultipleChoiceExample
 from medmoe.eval.generation import generate_greedy
 from medmoe.eval.multiple_choice import encode_contexts, eval_mode, score_multiple_choice
@@ -50,36 +50,24 @@ def load_adapted(
 
     Args:
         base: a model, ``"toy"`` (the shipped toy base), a local model directory or a hub id.
-        adapter_dir: what :class:`~medmoe.callbacks.AdapterExport` wrote: MoE-LoRA
-            (``adapter_config.json`` with ``medmoe_config``) or peft LoRA files.
+        adapter_dir: an adapter directory of any method and format (what
+            :class:`~medmoe.callbacks.AdapterExport`, ``AdaptedModel.save_pretrained`` or
+            ``python -m medmoe.zero_to_adapter`` wrote: MoE-LoRA, multi-LoRA, peft LoRA, full
+            fine-tuning); the method is the one the directory records
+            (:func:`medmoe.adapters.load_adapted`). A multi-LoRA model needs its task ids: run
+            it inside ``MultiLoRA.task_context(model, task)``.
         from_pretrained: keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
 
-    The adapter files are read and checked before the model is touched: a missing, truncated
-    or mismatching file raises an error naming it.
+    The adapter's description is read and checked before the model is touched, and its files
+    before any tensor is copied: a missing, truncated or mismatching file raises an error
+    naming it.
     """
-    from medmoe.adapters.state import ADAPTER_CONFIG, load_adapter
+    from medmoe.adapters.registry import load_adapted as load_adapter_dir
+    from medmoe.adapters.registry import saved_method
 
-    directory = Path(adapter_dir)
-    config_path = directory / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"adapter directory {directory} has no {ADAPTER_CONFIG}")
-    try:
-        description = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+    method = saved_method(adapter_dir)  # the description first: a bad one loads no base
     model = _load_base(base, **from_pretrained)
-    if "medmoe_config" in description:
-        load_adapter(model, directory)
-    elif "peft_type" in description:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(directory))
-    else:
-        raise ValueError(
-            f"{config_path} describes neither a medmoe MoE-LoRA adapter ('medmoe_config') nor a "
-            "peft adapter ('peft_type')"
-        )
-    return model.eval()
+    return load_adapter_dir(model, adapter_dir, method).eval()
 
 
 def _load_base(base: str | os.PathLike | nn.Module, **kwargs: Any) -> nn.Module:
@@ -101,7 +89,7 @@ def gate_summary(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]
 ) -> list[dict[str, list[float]]]:
     """Per prompt: ``{"layer_<l>": mean gate probability per expert}`` over its tokens."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoELoRALinear)]
+    layers = routed_layers(model)
     if not layers:
         return [{} for _ in prompts]
     out = []

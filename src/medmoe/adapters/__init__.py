@@ -7,7 +7,20 @@ from medmoe.adapters.allocation import (
     expert_counts,
     uniform_counts,
 )
+from medmoe.adapters.capabilities import (
+    ExpertFactorsLayer,
+    RoutedAdapter,
+    RoutedLayer,
+    TaskRoutedAdapter,
+    TemperatureLayer,
+    layers_with,
+    routed_layers,
+    routing_losses,
+    routing_recording_paused,
+    task_routing,
+)
 from medmoe.adapters.config import MoELoRAConfig
+from medmoe.adapters.format import FORMAT_VERSION, AdapterDescription, read_description
 from medmoe.adapters.inject import (
     apply_moe_lora,
     decoder_layers,
@@ -16,8 +29,16 @@ from medmoe.adapters.inject import (
     moe_lora_layers,
 )
 from medmoe.adapters.layer import AdapterLayer, adapter_layers
-from medmoe.adapters.med_moe_lora import MoELoRA, adapter_spec
+from medmoe.adapters.med_moe_lora import MoELoRA
 from medmoe.adapters.moe_lora import MoELoRALinear
+from medmoe.adapters.registry import (
+    adapter_spec,
+    load_adapted,
+    method_class,
+    register_method,
+    registered_methods,
+    saved_method,
+)
 from medmoe.adapters.spec import AdapterSpec
 from medmoe.adapters.state import (
     ParameterCounts,
@@ -30,12 +51,19 @@ from medmoe.adapters.state import (
 )
 
 __all__ = [
+    "FORMAT_VERSION",
+    "AdapterDescription",
     "AdapterLayer",
     "AdapterSpec",
     "MoELoRA",
     "MoELoRAConfig",
     "MoELoRALinear",
+    "ExpertFactorsLayer",
     "ParameterCounts",
+    "RoutedAdapter",
+    "RoutedLayer",
+    "TaskRoutedAdapter",
+    "TemperatureLayer",
     "adapter_layers",
     "adapter_spec",
     "adapter_state_dict",
@@ -48,10 +76,21 @@ __all__ = [
     "enable_gradient_checkpointing",
     "expert_counts",
     "inject_adapter_layers",
+    "layers_with",
+    "load_adapted",
     "load_adapter",
+    "method_class",
     "moe_lora_layers",
     "parameter_counts",
     "read_adapter_config",
+    "read_description",
+    "register_method",
+    "registered_methods",
+    "routed_layers",
+    "routing_losses",
+    "routing_recording_paused",
     "save_adapter",
+    "saved_method",
+    "task_routing",
     "uniform_counts",
 ]

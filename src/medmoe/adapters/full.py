@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from medmoe.adapters.format import DESCRIPTION_BESIDE, AdapterDescription
+from medmoe.adapters.registry import register_method
 from medmoe.adapters.spec import AdapterSpec
 from medmoe.adapters.state import read_safetensors
-from medmoe.atomic import atomic_directory
 
 _SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
+@register_method("FullFineTune")
 @dataclass
 class FullFineTune(AdapterSpec):
     """Full fine-tuning: no adapter, all weights train.
@@ -54,27 +56,31 @@ class FullFineTune(AdapterSpec):
         )
         yield model  # pragma: no cover
 
-    def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
-        """The full model as safetensors (``save_pretrained``, sharded above ``max_shard_size``),
-        written into a staging folder that replaces ``directory`` whole
-        (:func:`medmoe.atomic.atomic_directory`: a kill or a full disk keeps the previous one)."""
+    # the description goes beside save_pretrained's files, which from_pretrained alone loads
+    description_file: ClassVar[str] = DESCRIPTION_BESIDE
+
+    def check_saveable(self, model: nn.Module) -> None:
         if not hasattr(model, "save_pretrained"):
             raise TypeError(
                 f"FullFineTune.save needs a Hugging Face model, got {type(model).__name__}"
             )
-        directory = Path(directory)
-        size = lambda: sum(t.nbytes for t in model.state_dict().values())  # noqa: E731
-        with atomic_directory(directory, size=size) as staging:
-            model.save_pretrained(staging, max_shard_size=self.max_shard_size)
-        return directory
 
-    def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    def save_size(self, model: nn.Module, description_bytes: int) -> int:
+        return sum(t.nbytes for t in model.state_dict().values())
+
+    def write_files(self, model: nn.Module, staging: Path) -> None:
+        """The full model as safetensors (``save_pretrained``, sharded above
+        ``max_shard_size``)."""
+        model.save_pretrained(staging, max_shard_size=self.max_shard_size)
+
+    def read_files(
+        self, model: nn.Module, directory: Path, description: AdapterDescription
+    ) -> nn.Module:
         """Copy every ``*.safetensors`` tensor of ``directory`` into ``model``.
 
         A parameter missing from the files is an error unless it shares storage with one that
         was loaded (tied embeddings, which ``save_pretrained`` writes once).
         """
-        directory = Path(directory)
         files = sorted(directory.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {directory}")

@@ -92,6 +92,9 @@ def apply_moe_lora(
     """
     if any(isinstance(m, MoELoRALinear) for m in model.modules()):
         raise ValueError("the model already carries MoE-LoRA layers; apply_moe_lora works once")
+    held = getattr(config, "config", None)  # the method (MoELoRA) holding its config
+    if not isinstance(config, MoELoRAConfig) and isinstance(held, MoELoRAConfig):
+        config = held
     ranks_per_layer = config.layer_ranks(len(decoder_layers(model)))
     adapted = inject_adapter_layers(
         model,

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
 from medmoe.adapters.config import LLAMA_TARGETS
+from medmoe.adapters.format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DESCRIPTION_BESIDE,
+    AdapterDescription,
+)
+from medmoe.adapters.registry import register_method
 from medmoe.adapters.spec import AdapterSpec
-from medmoe.adapters.state import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_safetensors
-from medmoe.atomic import atomic_directory
+from medmoe.adapters.state import read_safetensors
 from medmoe.errors import read_json_file
 
 BIASES = ("none", "all", "lora_only")
@@ -42,6 +47,7 @@ def _peft_model(model: nn.Module, action: str) -> nn.Module:
     return model
 
 
+@register_method("LoRA")
 @dataclass
 class LoRA(AdapterSpec):
     """One LoRA shared by all tasks, built by ``peft`` (the paper's "standard LoRA", r=16).
@@ -117,31 +123,33 @@ class LoRA(AdapterSpec):
         with _peft_model(model, "disabled").disable_adapter():
             yield model
 
-    def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
-        """``peft``'s ``save_pretrained``: ``adapter_model.safetensors`` + ``adapter_config.json``,
-        written into a staging folder that replaces ``directory`` whole
-        (:func:`medmoe.atomic.atomic_directory`: a kill or a full disk keeps the previous one)."""
-        directory = Path(directory)
-        peft_model = _peft_model(model, "save")
-        size = lambda: sum(t.nbytes for t in self.adapter_tensors(peft_model).values())  # noqa: E731
-        with atomic_directory(directory, size=size) as staging:
-            peft_model.save_pretrained(staging, safe_serialization=True)
-        return directory
+    # the description goes beside peft's own adapter_config.json, which peft alone still loads
+    description_file: ClassVar[str] = DESCRIPTION_BESIDE
 
-    def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    def check_saveable(self, model: nn.Module) -> None:
+        _peft_model(model, "save")
+
+    def write_files(self, model: nn.Module, staging: Path) -> None:
+        """``peft``'s ``save_pretrained``: ``adapter_model.safetensors`` + its
+        ``adapter_config.json`` (peft's model card left out)."""
+        _peft_model(model, "save").save_pretrained(staging, safe_serialization=True)
+        (staging / "README.md").unlink(missing_ok=True)
+
+    def read_files(
+        self, model: nn.Module, directory: Path, description: AdapterDescription
+    ) -> nn.Module:
         """Load onto the PeftModel from :meth:`apply`, or wrap a bare base model with the file's
         adapter (``PeftModel.from_pretrained``). Missing or unexpected LoRA tensors raise."""
         from peft import PeftModel, set_peft_model_state_dict
 
-        directory = Path(directory)
         weights = directory / ADAPTER_WEIGHTS
         if not weights.is_file():
             raise FileNotFoundError(f"no peft adapter weights at {weights}")
         saved = read_safetensors(weights)  # both files checked before the model is touched
         config_path = directory / ADAPTER_CONFIG
-        if config_path.is_file() and not isinstance(
-            read_json_file(config_path, "adapter config"), dict
-        ):
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no peft adapter config at {config_path}")
+        if not isinstance(read_json_file(config_path, "adapter config"), dict):
             raise ValueError(f"adapter config {config_path} holds no JSON object")
         if not isinstance(model, PeftModel):
             return PeftModel.from_pretrained(model, directory, is_trainable=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medmoe.adapters.layer import AdapterLayer
+from medmoe.adapters.capabilities import ExpertFactorsLayer, RoutedLayer, TemperatureLayer
 
 ADAPTER_DTYPES = ("float32", "base")
 
@@ -171,7 +171,7 @@ def scalar_log_tau_as_vector(log_tau: Tensor) -> Tensor:
     return log_tau.reshape(1) if log_tau.dim() == 0 else log_tau
 
 
-class MoELoRALinear(AdapterLayer):
+class MoELoRALinear(RoutedLayer, TemperatureLayer, ExpertFactorsLayer):
     """``h = W0 x + sum_i g_i(x) * (alpha_i / r_i) * B_i A_i x`` with ``g = softmax(W_g x / tau)``.
 
     Implements eq 1 and eq 4 (experts of different ranks ``r_i``) with the temperature-scaled
@@ -374,6 +374,10 @@ class MoELoRALinear(AdapterLayer):
         """Gates the last forward used ([..., N], detached), derived from :attr:`last_probs`."""
         probs = self.last_probs_detached
         return None if probs is None else self.gates_from_probs(probs)
+
+    @property
+    def router_trains(self) -> bool:
+        return self.router.weight.requires_grad
 
     def clear_routing(self) -> None:
         self._last_probs = None

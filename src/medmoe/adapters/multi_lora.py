@@ -14,9 +14,7 @@ each domain adapter in turn (:mod:`medmoe.callbacks.scoring` reports the mean an
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,21 +24,22 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from medmoe.adapters.capabilities import TaskRoutedAdapter
 from medmoe.adapters.config import LLAMA_TARGETS
+from medmoe.adapters.format import ADAPTER_WEIGHTS, AdapterDescription
 from medmoe.adapters.inject import inject_adapter_layers
 from medmoe.adapters.layer import AdapterLayer, layer_adapter_tensors
 from medmoe.adapters.lora import check_lora_fields
 from medmoe.adapters.moe_lora import ADAPTER_DTYPES, adapter_parameter_dtype
+from medmoe.adapters.registry import register_method
 from medmoe.adapters.spec import AdapterSpec
 from medmoe.adapters.state import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     adapters_disabled,
     copy_matching_tensors,
     read_safetensors,
-    write_adapter_files,
+    safetensors_size,
+    write_safetensors,
 )
-from medmoe.errors import read_json_file
 
 METHOD = "MultiLoRA"
 ROUTING_ATTRIBUTE = "medmoe_task_routing"
@@ -194,8 +193,9 @@ class TaskRouting:
 REPLAY_ROUTINGS = ("spread", "base")
 
 
+@register_method(METHOD)
 @dataclass
-class MultiLoRA(AdapterSpec):
+class MultiLoRA(TaskRoutedAdapter, AdapterSpec):
     """One LoRA per domain task; the batch's task ids pick each sample's adapter (train, eval).
 
     Attributes:
@@ -369,37 +369,34 @@ class MultiLoRA(AdapterSpec):
         with adapters_disabled(model):
             yield model
 
-    def save(self, model: nn.Module, directory: str | os.PathLike) -> Path:
-        """``adapter_model.safetensors`` (every layer's stacked A and B) + ``adapter_config.json``."""
-        layers = multi_lora_layers(model)
-        if not layers:
+    def check_saveable(self, model: nn.Module) -> None:
+        if not multi_lora_layers(model):
             raise ValueError("the model carries no multi-LoRA layers: call MultiLoRA.apply first")
+
+    def save_size(self, model: nn.Module, description_bytes: int) -> int:
+        return safetensors_size(layer_adapter_tensors(model)) + description_bytes
+
+    def write_files(self, model: nn.Module, staging: Path) -> None:
+        """``adapter_model.safetensors``: every layer's stacked A and B."""
         tensors = {
             k: v.detach().contiguous().cpu() for k, v in layer_adapter_tensors(model).items()
         }
-        directory = Path(directory)
-        write_adapter_files(
-            directory, tensors, {"method": METHOD, "config": dataclasses.asdict(self)}
-        )
-        return directory
+        write_safetensors(staging / ADAPTER_WEIGHTS, tensors)
 
-    def load(self, model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-        """Load what :meth:`save` wrote (adapting ``model`` first if it has no multi-LoRA layers)."""
-        directory = Path(directory)
-        config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-        if not config_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(
-                f"expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} in {directory}"
-            )
-        description = read_json_file(config_path, "adapter config")
-        if not isinstance(description, dict) or description.get("method") != METHOD:
-            raise ValueError(f"{config_path} is not a {METHOD} adapter")
-        saved_config = MultiLoRA(**description["config"])
+    def read_files(
+        self, model: nn.Module, directory: Path, description: AdapterDescription
+    ) -> nn.Module:
+        """Load the saved adapters (adapting ``model`` first if it has no multi-LoRA layers);
+        the file's ``num_tasks``, ``r`` and ``target_modules`` must be this method's."""
+        weights_path = directory / ADAPTER_WEIGHTS
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no adapter weights at {weights_path}")
+        saved_config = MultiLoRA(**description.config)
         for key in ("num_tasks", "r", "target_modules"):
             if getattr(saved_config, key) != getattr(self, key):
                 raise ValueError(
-                    f"{config_path}: {key}={getattr(saved_config, key)!r} but this MultiLoRA has "
-                    f"{key}={getattr(self, key)!r}"
+                    f"{description.path}: {key}={getattr(saved_config, key)!r} but this "
+                    f"MultiLoRA has {key}={getattr(self, key)!r}"
                 )
         saved = read_safetensors(weights_path)  # before touching the model
         if not multi_lora_layers(model):

@@ -16,7 +16,13 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from medmoe.adapters.config import MoELoRAConfig
-from medmoe.adapters.inject import CONFIG_ATTRIBUTE, apply_moe_lora, moe_lora_layers
+from medmoe.adapters.format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterDescription,
+    read_description,
+)
+from medmoe.adapters.inject import CONFIG_ATTRIBUTE, moe_lora_layers
 from medmoe.adapters.layer import adapter_layers
 from medmoe.adapters.moe_lora import (
     MoELoRALinear,
@@ -24,11 +30,7 @@ from medmoe.adapters.moe_lora import (
     scalar_log_tau_as_vector,
 )
 from medmoe.atomic import atomic_directory, write_file_bytes
-from medmoe.errors import read_json_file
 
-# The file names of every adapter medmoe writes (peft's names, so peft LoRA matches them).
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 # How ``log_tau`` maps to tau. Files without this key predate the soft bound: their log_tau
 # was clamped hard, and loading converts it (raw_log_tau_from_legacy).
 TAU_PARAMETRISATION_KEY = "tau_parametrisation"
@@ -50,17 +52,24 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any] | None = None
 ) -> Path:
-    """Write the model's MoE-LoRA tensors and config into ``directory`` (atomically)."""
+    """Write the model's MoE-LoRA tensors and config into ``directory`` (atomically): the
+    Med-MoE-LoRA method's :meth:`~medmoe.adapters.spec.AdapterSpec.save`."""
+    from medmoe.adapters.med_moe_lora import MoELoRA
+
     config: MoELoRAConfig | None = getattr(model, CONFIG_ATTRIBUTE, None)
     if config is None:
         raise ValueError("the model carries no MoE-LoRA config: call apply_moe_lora first")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    description = {
-        "medmoe_config": config.to_dict(),
-        "metadata": metadata or {},
-        TAU_PARAMETRISATION_KEY: TAU_PARAMETRISATION,
-    }
-    return write_adapter_files(directory, tensors, description)
+    return MoELoRA(config=config).save(model, directory, metadata)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Write ``tensors`` as one safetensors file (into a staging folder)."""
+    write_file_bytes(path, safetensors_bytes(tensors))
+
+
+def safetensors_size(tensors: dict[str, Tensor]) -> int:
+    """The bytes :func:`write_safetensors` writes for ``tensors``."""
+    return len(safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
 
 def write_adapter_files(
@@ -72,6 +81,8 @@ def write_adapter_files(
     the end (:func:`medmoe.atomic.atomic_directory`): a kill or a full disk part-way never
     replaces a good adapter with a partial one; a full disk raises
     :class:`~medmoe.atomic.AtomicWriteError` naming ``directory`` and the bytes needed.
+    (The methods save through :meth:`~medmoe.adapters.spec.AdapterSpec.save`, which writes
+    the same way.)
     """
     weights = safetensors_bytes(tensors)
     config = json.dumps(description, indent=2, sort_keys=True).encode()
@@ -83,49 +94,51 @@ def write_adapter_files(
 
 
 def read_adapter_config(directory: str | os.PathLike) -> MoELoRAConfig:
-    path = Path(directory) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no adapter config at {path} (expected {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS})"
+    """The :class:`MoELoRAConfig` of a Med-MoE-LoRA adapter directory (any format)."""
+    description = read_description(directory)
+    if description.method != "MoELoRA":
+        raise ValueError(
+            f"{description.path or directory} holds a {description.method} adapter, not a "
+            "Med-MoE-LoRA one (medmoe.adapters.saved_method reads any method's)"
         )
-    description = read_json_file(path, "adapter config")
-    if not isinstance(description, dict) or "medmoe_config" not in description:
-        raise ValueError(f"{path} has no 'medmoe_config' key; is it a medmoe adapter?")
-    return MoELoRAConfig.from_dict(description["medmoe_config"])
+    return MoELoRAConfig.from_dict(description.config)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRALinear]:
-    """Load a saved adapter onto ``model`` (adapting it first if it carries no MoE-LoRA layers).
+    """Load a saved Med-MoE-LoRA adapter onto ``model`` (adapting it first if it carries no
+    MoE-LoRA layers): the method's :meth:`~medmoe.adapters.spec.AdapterSpec.load`.
 
     Every tensor must match by name and shape: missing, unexpected or misshapen tensors raise
     ValueError naming the file and the keys.
     """
-    directory = Path(directory)
-    weights_path = directory / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"no adapter weights at {weights_path}")
-    saved = read_safetensors(weights_path)  # before touching the model: a bad file changes nothing
-    config_path = directory / ADAPTER_CONFIG
-    description = read_json_file(config_path, "adapter config") if config_path.is_file() else {}
-    if not isinstance(description, dict):
-        raise ValueError(f"adapter config {config_path} holds no JSON object")
-    parametrisation = description.get(TAU_PARAMETRISATION_KEY, "legacy_clamp")
+    from medmoe.adapters.med_moe_lora import MoELoRA
+
+    MoELoRA().load(model, directory)
+    return [layer for _, layer in moe_lora_layers(model)]
+
+
+def load_moe_lora_tensors(
+    model: nn.Module,
+    saved: dict[str, Tensor],
+    description: AdapterDescription,
+    source: str | os.PathLike,
+) -> None:
+    """Copy a Med-MoE-LoRA file's tensors into the model's MoE-LoRA layers, converting the
+    ``log_tau`` of files written before the soft tau bound."""
+    parametrisation = description.raw.get(TAU_PARAMETRISATION_KEY, "legacy_clamp")
     if parametrisation not in ("legacy_clamp", TAU_PARAMETRISATION):
         raise ValueError(
-            f"{config_path}: {TAU_PARAMETRISATION_KEY}={parametrisation!r} is not one this "
+            f"{description.path}: {TAU_PARAMETRISATION_KEY}={parametrisation!r} is not one this "
             f"medmoe reads (accepted: {TAU_PARAMETRISATION!r}, or the key absent for files "
             "written before the soft tau bound)"
         )
-    if not any(isinstance(m, MoELoRALinear) for m in model.modules()):
-        apply_moe_lora(model, read_adapter_config(directory))  # read whole before it adapts
     saved = {
         key: scalar_log_tau_as_vector(value) if key.endswith(".log_tau") else value
         for key, value in saved.items()
     }
     if parametrisation == "legacy_clamp":
         saved = convert_legacy_log_tau(saved, model)
-    copy_matching_tensors(adapter_state_dict(model), saved, weights_path)
-    return [layer for _, layer in moe_lora_layers(model)]
+    copy_matching_tensors(adapter_state_dict(model), saved, source)
 
 
 def convert_legacy_log_tau(

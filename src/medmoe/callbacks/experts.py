@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from medmoe.adapters import MoELoRALinear
+from medmoe.adapters import ExpertFactorsLayer
 from medmoe.callbacks.naming import AdaptedLayer, adapted_layers
 from medmoe.callbacks.writers import StepCadence, log_to_loggers
 from medmoe.strategies import unsharded
@@ -18,7 +18,7 @@ __all__ = ["ExpertUpdateNorms", "expert_update_norms"]
 
 
 @torch.no_grad()
-def expert_update_norms(layer: MoELoRALinear) -> Tensor:
+def expert_update_norms(layer: ExpertFactorsLayer) -> Tensor:
     """``||(alpha_i / r_i) B_i A_i||_F`` per expert: [N], without forming the d_out x d_in product.
 
     ``||B A||_F^2 = sum((B^T B) * (A A^T))`` needs only r_i x r_i matrices.
@@ -64,6 +64,8 @@ class ExpertUpdateNorms(Callback):
         per_block: dict[str, list[Tensor]] = {}
         with unsharded(pl_module.model):  # FSDP2: whole factors on every rank
             for adapted in self._layers:
+                if not isinstance(adapted.layer, ExpertFactorsLayer):
+                    continue  # a routed layer whose experts are no LoRA factors
                 per_block.setdefault(adapted.block, []).append(expert_update_norms(adapted.layer))
         values: dict[str, float] = {}
         for block, norms in per_block.items():

@@ -1,4 +1,5 @@
-"""Readable short names for adapted layers: ``L03.q_proj`` (0-based decoder index + module)."""
+"""Readable short names for routed adapter layers: ``L03.q_proj`` (0-based decoder index +
+module). The layers are the model's :class:`~medmoe.adapters.capabilities.RoutedLayer` s."""
 
 from __future__ import annotations
 
@@ -6,29 +7,29 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from medmoe.adapters import MoELoRALinear, decoder_layers, moe_lora_layers
+from medmoe.adapters import RoutedLayer, decoder_layers, routed_layers
 
 __all__ = ["AdaptedLayer", "adapted_layers"]
 
 
 @dataclass(frozen=True)
 class AdaptedLayer:
-    """One MoE-LoRA layer with its short name and decoder block (``block`` is ``L03``)."""
+    """One routed layer with its short name and decoder block (``block`` is ``L03``)."""
 
     name: str
     block: str
-    layer: MoELoRALinear
+    layer: RoutedLayer
 
 
 def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
-    """Every MoE-LoRA layer of ``model`` in model order, named ``L<decoder index>.<module>``.
+    """Every routed (MoE-LoRA) layer of ``model`` in model order, named ``L<decoder index>.<module>``.
 
     The decoder index is 0-based, as in the model's own parameter names (``model.layers.3``
     is ``L03``). The module is the last path component (``q_proj``), or the path inside the
     decoder block where that is ambiguous. Layers outside the decoder blocks keep their
     qualified name and form a block of their own.
     """
-    pairs = moe_lora_layers(model)
+    pairs = routed_layers(model)
     if not pairs:
         return []
     try:
@@ -39,7 +40,7 @@ def adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
     where: dict[int, tuple[str, str]] = {}  # id(layer) -> (block, path inside the block)
     for index, block in enumerate(blocks):
         for path, module in block.named_modules():
-            if isinstance(module, MoELoRALinear):
+            if isinstance(module, RoutedLayer):
                 where[id(module)] = (f"L{index:0{width}d}", path)
     leaf_counts: dict[tuple[str, str], int] = {}
     for block, path in where.values():

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from medmoe.adapters import moe_lora_layers
+from medmoe.adapters import routing_recording_paused, task_routing
 from medmoe.eval import evaluate_examples
 
 __all__ = ["PRIMARY_METRIC", "EvalClock", "TaskScorer", "task_metric"]
@@ -32,18 +32,9 @@ def task_metric(task: str) -> str:
     return get_task(task).metric
 
 
-@contextmanager
-def _routing_recording_paused(model: nn.Module) -> Iterator[None]:
+def _routing_recording_paused(model: nn.Module) -> AbstractContextManager[None]:
     """Evaluation forwards leave the training step's recorded routing in place."""
-    layers = [layer for _, layer in moe_lora_layers(model)]
-    previous = [layer.record_routing for layer in layers]
-    for layer in layers:
-        layer.record_routing = False
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, previous, strict=True):
-            layer.record_routing = flag
+    return routing_recording_paused(model)
 
 
 def _task_routing(
@@ -51,13 +42,13 @@ def _task_routing(
 ) -> AbstractContextManager[object]:
     """Route by ``task`` for adapters that pick an adapter per task (``task_context``, e.g.
     multi-LoRA), with the task id the model was trained with; a no-op for the others."""
-    context = getattr(pl_module.adapter, "task_context", None)
-    if context is None:
+    routed_by_task = task_routing(pl_module.adapter)
+    if routed_by_task is None:
         return nullcontext()
     names = list(getattr(pl_module, "task_names", None) or trainer.datamodule.task_names)
     if task not in names:
         raise ValueError(f"{type(pl_module.adapter).__name__} has no adapter for task {task!r}")
-    return context(pl_module.model, names.index(task))
+    return routed_by_task.task_context(pl_module.model, names.index(task))
 
 
 def _answering_adapters(
@@ -66,10 +57,10 @@ def _answering_adapters(
     """For a per-task-adapter method and a task without an adapter of its own (a general
     benchmark under multi-LoRA), the ``(name, id)`` of every domain adapter that could be
     deployed to answer it; ``None`` when the task has its own adapter or the method has none."""
-    adapter = pl_module.adapter
-    num_adapters = getattr(adapter, "num_tasks", None)
-    if getattr(adapter, "task_context", None) is None or num_adapters is None:
+    routed_by_task = task_routing(pl_module.adapter)
+    if routed_by_task is None:
         return None
+    num_adapters = routed_by_task.num_tasks
     names = list(getattr(pl_module, "task_names", None) or trainer.datamodule.task_names)
     if task in names and names.index(task) < num_adapters:
         return None
@@ -83,7 +74,7 @@ class TaskScorer:
     The datamodule provides ``task_names``, ``tokenizer`` and ``eval_records`` (a
     :class:`~medmoe.data.records.TaskRecords`: ``eval_examples(task, split, limit, ...)``); the
     task's metric comes from the task registry.
-    Methods with one adapter per task (an adapter with ``task_context``) score each task with
+    Methods with one adapter per task (a :class:`~medmoe.adapters.TaskRoutedAdapter`) score each task with
     its own adapter.
     The evaluation protocol is the task's (:class:`medmoe.data.tasks.Task`, harness-identical
     for real data): its prompt, ``shots`` demonstrations (``None``: the task's ``num_fewshot``)
@@ -167,7 +158,7 @@ class TaskScorer:
         if adapters is not None and base:  # the adapters are off: no task routing needed
             return self._score_with(trainer, pl_module, task, nullcontext(), True)
         if adapters is not None:
-            context = pl_module.adapter.task_context
+            context = task_routing(pl_module.adapter).task_context
             runs = {}
             for name, index in adapters:
                 with context(pl_module.model, index):

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from medmoe.adapters import TemperatureLayer
 from medmoe.callbacks.naming import AdaptedLayer, adapted_layers
 from medmoe.callbacks.writers import StepCadence, log_to_loggers
 from medmoe.strategies import unsharded
@@ -52,7 +53,9 @@ class TemperatureMonitor(Callback):
             return
         if self._layers is None:
             model = getattr(pl_module, "model", None)
-            self._layers = adapted_layers(model) if model is not None else []
+            layers = adapted_layers(model) if model is not None else []
+            # the routed layers that declare a temperature
+            self._layers = [a for a in layers if isinstance(a.layer, TemperatureLayer)]
         if not self._layers:
             return
         with torch.no_grad(), unsharded(pl_module.model):  # FSDP2: whole log tau per rank

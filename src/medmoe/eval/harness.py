@@ -39,9 +39,10 @@ def _hflm() -> type[HFLM]:
 
 def _pause_routing_recording(model: nn.Module) -> None:
     """The harness's forwards need no routing statistics (they are a training-time record)."""
-    for module in model.modules():
-        if hasattr(module, "record_routing"):
-            module.record_routing = False
+    from medmoe.adapters.capabilities import routed_layers
+
+    for _, layer in routed_layers(model):
+        layer.record_routing = False
 
 
 def harness_lm(
@@ -78,14 +79,16 @@ def load_adapted_for_harness(
     torch_dtype: Any = "auto",
     device: str | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The base model with the saved MoE-LoRA adapter loaded (``AdapterExport``'s folder),
-    and the base's tokenizer: ready for :func:`harness_lm`."""
+    """The base model with a saved adapter of any method loaded (``AdapterExport``'s folder;
+    the method the directory records, :func:`medmoe.adapters.load_adapted`), and the base's
+    tokenizer: ready for :func:`harness_lm`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medmoe.adapters import load_adapter
+    from medmoe.adapters.registry import load_adapted, saved_method
 
+    method = saved_method(adapter_dir)  # the description first: a bad one loads no base
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-    load_adapter(model, adapter_dir)
+    model = load_adapted(model, adapter_dir, method)
     if device is not None:
         model.to(device)
     return model.eval(), AutoTokenizer.from_pretrained(base)

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medmoe.adapters.moe_lora import MoELoRALinear
+from medmoe.adapters.capabilities import RoutedLayer
 
 BALANCE_FORMS = ("variance", "normalized", "cv2", "switch")
 
 
-def recorded_router_probs(layers: Sequence[MoELoRALinear]) -> list[Tensor]:
+def recorded_router_probs(layers: Sequence[RoutedLayer]) -> list[Tensor]:
     """The router probabilities of each layer's last forward, checked to carry a gradient.
 
     A tensor stashed during a reentrant gradient checkpoint was computed under ``no_grad`` and
@@ -37,7 +37,7 @@ def recorded_router_probs(layers: Sequence[MoELoRALinear]) -> list[Tensor]:
                 f"MoE-LoRA layer {index} recorded no routing: run a forward with adapters "
                 "enabled and record_routing=True before computing routing losses"
             )
-        router_trains = layer.router.weight.requires_grad
+        router_trains = layer.router_trains
         if torch.is_grad_enabled() and router_trains and not recorded.requires_grad:
             raise RuntimeError(
                 f"MoE-LoRA layer {index}: router probabilities carry no gradient. The model "

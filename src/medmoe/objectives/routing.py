@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medmoe.adapters.moe_lora import MoELoRALinear
+from medmoe.adapters.capabilities import RoutedLayer
 from medmoe.objectives.balance import (
     knowledge_preservation_loss,
     load_balance_loss,
@@ -49,7 +49,7 @@ def routing_token_mask(
 
 
 def routing_losses(
-    layers: Sequence[MoELoRALinear],
+    layers: Sequence[RoutedLayer],
     token_mask: Tensor | None,
     *,
     lambda_balance: float,
