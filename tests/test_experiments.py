@@ -246,6 +246,8 @@ def test_quick_grid_runs_scores_and_resumes(tmp_path: Path, capsys: pytest.Captu
         assert results["params"]["trainable"] > 0
     lora = json.loads((out / "lora/seed_0/results.json").read_text())
     assert lora["global_step"] == 3 and lora["adapter"].endswith("LoRA")
+    assert lora["train_steps_timed"] == 3  # StepTimer: too few steps for a step time
+    assert lora["train_step_seconds"] is None and 0 <= lora["train_steps_uncontended"] <= 3
     assert (out / "med_moe_lora/seed_0/adapter/adapter_model.safetensors").is_file()
     markdown = (out / "tables.md").read_text()
     assert "Standard LoRA (r = 4)" in markdown and "Med-MoE-LoRA (Ours)" in markdown

@@ -200,6 +200,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     import torch
 
     from medmoe.adapters import parameter_counts
+    from medmoe.callbacks.timing import StepTimer
     from medmoe.cli import run_cli
 
     if spec.threads:
@@ -213,6 +214,9 @@ def execute(spec: RunSpec) -> dict[str, Any]:
             args.append(f"--ckpt_path={resumed_from}")
         else:
             _clear_earlier_attempt(run_dir)
+    if args and args[0] == "fit":
+        timer = {"class_path": "medmoe.callbacks.timing.StepTimer"}
+        args += ["--trainer.callbacks+", json.dumps(timer)]  # train_step_seconds
     began, cpu_began = time.perf_counter(), time.process_time()
     argv = sys.argv
     sys.argv = ["medmoe"]  # the arguments are `args`: LightningCLI must not read the runner's
@@ -226,6 +230,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
     scored = score_trained(trainer, module, spec.eval, base=spec.base)
     eval_seconds, eval_cpu = time.perf_counter() - began, time.process_time() - cpu_began
     counts = parameter_counts(module.model)
+    timers = [c for c in trainer.callbacks if isinstance(c, StepTimer)]
     results = {
         "method": spec.method,
         "label": spec.label or spec.method,
@@ -244,6 +249,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
         "eval_seconds": round(eval_seconds, 2),
         "fit_cpu_seconds": round(fit_cpu, 2),  # CPU time of all threads: wall time when idle
         "eval_cpu_seconds": round(eval_cpu, 2),
+        **(timers[0].summary() if timers else {}),  # per-step time inside the loop
         "torch_threads": torch.get_num_threads(),
         "resumed_from": resumed_from,
         "eval": spec.eval.to_dict(),
