@@ -412,3 +412,25 @@ def test_the_method_holds_its_config_and_yaml_still_builds_it_from_the_fields():
     )
     built = parser.instantiate_classes(parsed).adapter
     assert type(built) is MoELoRA and built == spec
+
+
+def test_a_zero_checkpoint_of_every_method_converts_through_the_method(case_name, tmp_path):
+    """A ZeRO-2 checkpoint (DeepSpeed's layout, written on CPU) of every method -> the
+    method's own adapter directory, which loads onto a fresh base to the trained logits."""
+    from test_zero_to_adapter import write_zero2_checkpoint
+
+    from medmoe.adapters import load_adapted, read_description, saved_method
+    from medmoe.zero_to_adapter import adapter_from_zero_checkpoint
+
+    batch = _batch()
+    spec, model = _adapted(case_name)
+    _train(spec, model, batch)
+    expected = _logits(spec, model, batch)
+    checkpoint = write_zero2_checkpoint(tmp_path / "last.ckpt", model, spec)
+    out = adapter_from_zero_checkpoint(checkpoint, tmp_path / "adapter")
+    description = read_description(out)
+    assert description.method == spec.method_name and description.metadata["zero_stage"] == 2
+    assert saved_method(out) == spec
+    seed = 9 if case_name == "full_fine_tune" else 0
+    loaded = load_adapted(make_tiny_llama(seed=seed), out)
+    torch.testing.assert_close(_logits(spec, loaded.eval(), batch), expected, rtol=0, atol=0)

@@ -13,11 +13,12 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_llama
+from conftest import TINY_LLAMA, make_tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
@@ -86,12 +87,15 @@ def _ds_config(stage: int) -> dict:
 def write_zero2_checkpoint(
     directory: Path,
     model: nn.Module,
-    config: MoELoRAConfig,
+    config: Any,
     master: nn.Module | None = None,
     exclude_frozen: bool = True,
     extra_trained: tuple[str, ...] = (),
 ) -> Path:
     """A single-rank ZeRO-2 checkpoint of ``MedMoEModule(model)`` in DeepSpeed's layout.
+
+    ``config``: the module's adapter (a ``MoELoRAConfig`` or any method), recorded in its
+    ``hyper_parameters`` as ``MedMoEModule`` records it.
 
     ``master``: the fp32 copy whose flattened trainable parameters fill the optimizer's
     ``single_partition_of_fp32_groups`` (default: ``model`` itself in float32).
@@ -114,10 +118,10 @@ def write_zero2_checkpoint(
         "lr_schedulers": [{"last_epoch": 7}],
         "hparams_name": "kwargs",
         "hyper_parameters": {
-            "tiny_llama": {"hidden_size": 32},
-            "adapter": {
-                "class_path": "medmoe.adapters.config.MoELoRAConfig",
-                "init_args": vars(config),
+            "tiny_llama": dict(TINY_LLAMA),  # MedMoEModule's: the base architecture
+            "adapter": {  # MedMoEModule's hparams: the adapter as given (a config or a method)
+                "class_path": f"{type(config).__module__}.{type(config).__qualname__}",
+                "init_args": config.init_args() if hasattr(config, "init_args") else vars(config),
             },
         },
         "medmoe_rng_states": {"torch": torch.get_rng_state()},
@@ -291,7 +295,7 @@ def test_parameters_trained_outside_the_adapter_are_refused(tmp_path):
         MoELoRAConfig(**CONFIG),
         extra_trained=("model.lm_head.weight",),
     )
-    with pytest.raises(ZeroCheckpointError, match="outside the MoE-LoRA adapter.*lm_head"):
+    with pytest.raises(ZeroCheckpointError, match="outside the MoELoRA adapter.*lm_head"):
         adapter_from_zero_checkpoint(ckpt, tmp_path / "out")
 
 

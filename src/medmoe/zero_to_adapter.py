@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,16 +62,14 @@ import torch
 from torch import Tensor, nn
 
 from medmoe.adapters.config import MoELoRAConfig
-from medmoe.adapters.inject import CONFIG_ATTRIBUTE
-from medmoe.adapters.moe_lora import MoELoRALinear, scalar_log_tau_as_vector
-from medmoe.adapters.state import ADAPTER_CONFIG, adapter_state_dict, save_adapter
+from medmoe.adapters.format import ADAPTER_CONFIG, DESCRIPTION_BESIDE, read_description
+from medmoe.adapters.moe_lora import scalar_log_tau_as_vector
+from medmoe.adapters.registry import adapter_spec, saved_method
+from medmoe.adapters.spec import AdapterConfig, AdapterSpec
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 MODULE_PREFIX = "model."  # MedMoEModule.model holds the Hugging Face model
 LEGACY_PREFIX = "_forward_module."  # Lightning < 2.1 wrapped the module
-# the tensors each MoE-LoRA layer declares its own (the adapter-layer contract)
-ADAPTER_SUFFIXES = tuple(f".{name}" for name in MoELoRALinear.adapter_tensor_names)
-_DECODER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 __all__ = [
     "ZeroCheckpointError",
@@ -80,6 +77,7 @@ __all__ = [
     "checkpoint_tag_dir",
     "main",
     "read_model_states",
+    "resolve_adapter",
     "resolve_adapter_config",
 ]
 
@@ -203,35 +201,31 @@ def _strip(key: str) -> str | None:
     return key[len(MODULE_PREFIX) :] if key.startswith(MODULE_PREFIX) else None
 
 
-# --------------------------------------------------------------------------- configuration
-def _description_to_config(description: Any, where: str) -> MoELoRAConfig:
-    """``{"class_path": ..., "init_args": {...}}``, a bare field mapping, or a config object."""
-    if isinstance(description, MoELoRAConfig):
-        return description
+# --------------------------------------------------------------------------- the method
+def _description_to_method(description: Any, where: str) -> AdapterSpec:
+    """``{"class_path": ..., "init_args": {...}}`` (any registered method or config), a bare
+    MoE-LoRA field mapping, or a method/config object -> the method."""
+    if isinstance(description, AdapterSpec | AdapterConfig):
+        return adapter_spec(description)
     if not isinstance(description, Mapping):
-        raise ValueError(f"{where}: the adapter is {description!r}, not a MoELoRAConfig mapping")
-    if "class_path" in description:
-        class_path = str(description["class_path"])
-        module_name, _, class_name = class_path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError, ValueError) as error:
-            raise ValueError(f"{where}: cannot import adapter class {class_path!r}") from error
-        if not (isinstance(cls, type) and issubclass(cls, MoELoRAConfig)):
-            raise ValueError(
-                f"{where}: the adapter is {class_path}; zero_to_adapter converts Med-MoE-LoRA "
-                "adapters (medmoe.adapters.MoELoRAConfig) only"
-            )
-        values = dict(description.get("init_args") or {})
-        known = cls.__dataclass_fields__
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{where}: unknown {class_name} field(s) {unknown}")
-        return cls(**values)
-    return MoELoRAConfig.from_dict(dict(description))
+        raise ValueError(f"{where}: the adapter is {description!r}, not an adapter description")
+    if "class_path" not in description:
+        return adapter_spec(MoELoRAConfig.from_dict(dict(description)))
+    class_path = str(description["class_path"])
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{where}: cannot import adapter class {class_path!r}") from error
+    if not (isinstance(cls, type) and issubclass(cls, AdapterSpec | AdapterConfig)):
+        raise ValueError(f"{where}: {class_path} is no adapter method or config")
+    try:
+        return adapter_spec(cls(**dict(description.get("init_args") or {})))
+    except TypeError as error:
+        raise ValueError(f"{where}: {class_path}: {error}") from None
 
 
-def _config_from_yaml(path: Path) -> MoELoRAConfig:
+def _method_from_yaml(path: Path) -> AdapterSpec:
     import yaml
 
     data = yaml.safe_load(path.read_text()) or {}
@@ -241,149 +235,137 @@ def _config_from_yaml(path: Path) -> MoELoRAConfig:
     if isinstance(model, Mapping):
         init_args = model.get("init_args", model)
         if "adapter" in init_args and init_args["adapter"] is not None:
-            return _description_to_config(init_args["adapter"], str(path))
+            return _description_to_method(init_args["adapter"], str(path))
         print(
             f"note: {path} gives the model no adapter; using MedMoEModule's default, "
             "MoELoRAConfig()",
             file=sys.stderr,
         )
-        return MoELoRAConfig()
+        return adapter_spec(MoELoRAConfig())
     if "adapter" in data:  # a bare adapter block
-        return _description_to_config(data["adapter"], str(path))
-    return _description_to_config(data, str(path))  # class_path/init_args or plain fields
+        return _description_to_method(data["adapter"], str(path))
+    return _description_to_method(data, str(path))  # class_path/init_args or plain fields
 
 
-def resolve_adapter_config(
-    source: str | Path | None, states: Mapping[str, Any] | None = None
-) -> MoELoRAConfig:
-    """The adapter config from ``source`` (YAML, ``adapter_config.json`` or its directory), or,
-    with ``source=None``, from the checkpoint's ``hyper_parameters["adapter"]``."""
+def resolve_adapter(
+    source: str | Path | AdapterSpec | AdapterConfig | None,
+    states: Mapping[str, Any] | None = None,
+) -> AdapterSpec:
+    """The method (with its config) from ``source``: a method or config object, a YAML, an
+    adapter directory or its description file (any method, any format), or, with
+    ``source=None``, the checkpoint's ``hyper_parameters["adapter"]``."""
+    if isinstance(source, AdapterSpec | AdapterConfig):
+        return adapter_spec(source)
     if source is None:
         hparams = (states or {}).get("hyper_parameters") or {}
         if "adapter" not in hparams:
             raise ValueError(
                 "the checkpoint carries no hyper_parameters['adapter']; pass --config (the run's "
                 "YAML, e.g. the config.yaml the CLI saved in its log directory, or an "
-                "adapter_config.json)"
+                "adapter directory)"
             )
-        return _description_to_config(hparams["adapter"], "the checkpoint's hyper_parameters")
+        return _description_to_method(hparams["adapter"], "the checkpoint's hyper_parameters")
     path = Path(source)
     if path.is_dir():
-        path = path / ADAPTER_CONFIG
+        return saved_method(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter configuration at {path}")
     if path.suffix == ".json":
-        description = json.loads(path.read_text())
-        if isinstance(description, Mapping) and "medmoe_config" in description:
-            return MoELoRAConfig.from_dict(description["medmoe_config"])
-        return _description_to_config(description, str(path))
-    return _config_from_yaml(path)
+        if path.name in (ADAPTER_CONFIG, DESCRIPTION_BESIDE):
+            try:
+                return saved_method(path.parent)
+            except (ValueError, FileNotFoundError):
+                pass
+        return _description_to_method(json.loads(path.read_text()), str(path))
+    return _method_from_yaml(path)
 
 
-# --------------------------------------------------------------------------- the adapter
-def _adapter_tensors(module_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The MoE-LoRA tensors of a LightningModule state dict, keyed by HF model names."""
+def resolve_adapter_config(
+    source: str | Path | None, states: Mapping[str, Any] | None = None
+) -> AdapterSpec:
+    """Alias of :func:`resolve_adapter` (the name from when only MoE-LoRA converted)."""
+    return resolve_adapter(source, states)
+
+
+# --------------------------------------------------------------------------- the model
+def base_skeleton(hparams: Mapping[str, Any], base: str | Path | None = None) -> nn.Module:
+    """The base architecture on the meta device (no weight materialised): from ``base`` (a
+    model directory, ``"toy"`` or a hub id whose config is cached), else from the checkpoint's
+    ``hyper_parameters`` (``tiny_llama`` + ``vocab_size``, or ``model_name_or_path``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from medmoe.errors import local_or_hub
+
+    tiny = hparams.get("tiny_llama")
+    if base is None and tiny is not None:
+        values = dict(tiny)
+        if hparams.get("vocab_size") is not None:
+            values.setdefault("vocab_size", hparams["vocab_size"])
+        config = LlamaConfig(**values)
+    else:
+        name = str(base if base is not None else hparams.get("model_name_or_path") or "toy")
+        if name == "toy":
+            from medmoe.data import toy_base_path
+
+            name = str(toy_base_path())
+        config = AutoConfig.from_pretrained(local_or_hub(name, "base model"))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _checkpoint_tensors(module_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A LightningModule state dict's tensors keyed by their names in ``MedMoEModule.model``."""
     tensors = {}
     for key, value in module_state.items():
         name = _strip(key)
-        if name is not None and name.endswith(ADAPTER_SUFFIXES):
+        if name is not None:
             tensors[name] = value
     return tensors
 
 
-def _layer_prefixes(tensors: Mapping[str, Tensor]) -> list[str]:
-    return sorted(
-        (k[: -len(".lora_A")] for k in tensors if k.endswith(".lora_A")), key=_natural_key
-    )
-
-
-def _natural_key(text: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent = root
-    *parents, leaf = path.split(".")
-    for part in parents:
-        child = parent._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            parent.add_module(part, child)
-        parent = child
-    parent.add_module(leaf, module)
-
-
-def _set_tensor(layer: MoELoRALinear, name: str, value: Tensor, key: str) -> None:
-    owner_name, _, attribute = name.rpartition(".")
-    owner = layer.get_submodule(owner_name) if owner_name else layer
-    expected = getattr(owner, attribute)
-    if name == "log_tau":
-        value = scalar_log_tau_as_vector(value)
-    if value.numel() == 0 and expected.numel() > 0:
+def adapted_model_from_tensors(
+    spec: AdapterSpec, skeleton: nn.Module, tensors: Mapping[str, Tensor]
+) -> nn.Module:
+    """``spec.apply(skeleton)`` with the method's tensors (:meth:`AdapterSpec.adapter_tensors`)
+    taken from ``tensors``, checked by name and shape; the frozen base stays on the meta
+    device. Every other tensor of ``tensors`` must be a frozen base one."""
+    try:
+        model = spec.apply(skeleton)
+    except ValueError as error:
         raise ZeroCheckpointError(
-            f"{key} is empty: a placeholder of a partitioned (ZeRO-3) checkpoint?"
-        )
-    if tuple(value.shape) != tuple(expected.shape):
+            f"the adapter configuration does not fit the base: {error}"
+        ) from None
+    expected = spec.adapter_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
         raise ZeroCheckpointError(
-            f"{key} has shape {tuple(value.shape)} but the adapter configuration gives "
-            f"{tuple(expected.shape)}: the configuration is not the one the run trained with"
+            f"the checkpoint lacks {len(missing)} tensor(s) of the adapter, e.g. {missing[:3]}: "
+            "the configuration (e.g. its target_modules) is not the one the run trained with"
         )
-    if isinstance(expected, nn.Parameter):
-        setattr(owner, attribute, nn.Parameter(value.detach(), requires_grad=False))
-    else:
-        setattr(owner, attribute, value.detach())
-
-
-def build_adapter_model(tensors: Mapping[str, Tensor], config: MoELoRAConfig) -> nn.Module:
-    """A module tree holding only the MoE-LoRA layers at their HF names, filled with ``tensors``.
-
-    The frozen base weights are meta tensors (never materialised); every adapter tensor is
-    checked against the shapes ``config`` gives the layer it belongs to.
-    """
-    prefixes = _layer_prefixes(tensors)
-    if not prefixes:
+    state_names = set(model.state_dict())
+    unused = sorted(k for k in tensors if k not in expected and k not in state_names)
+    if unused:
         raise ZeroCheckpointError(
-            "the checkpoint's module states hold no MoE-LoRA tensors (*.lora_A under "
-            f"'{MODULE_PREFIX}'): was it trained with a MoELoRAConfig adapter?"
+            f"checkpoint tensors the adapter configuration has no place for: {unused[:5]} "
+            "(check its target_modules)"
         )
-    by_layer: dict[int, list[str]] = {}
-    for prefix in prefixes:
-        match = _DECODER_INDEX.search(prefix)
-        if match is None:
-            raise ZeroCheckpointError(f"cannot tell the decoder layer of adapted module {prefix}")
-        by_layer.setdefault(int(match.group(1)), []).append(prefix)
-    num_layers = max(by_layer) + 1
-    if sorted(by_layer) != list(range(num_layers)):
-        missing = sorted(set(range(num_layers)) - set(by_layer))
-        raise ZeroCheckpointError(f"decoder layer(s) {missing} carry no MoE-LoRA tensors")
-    targets = set(config.target_modules)
-    ranks = config.layer_ranks(num_layers)
-    root = nn.Module()
-    for index in range(num_layers):
-        for prefix in by_layer[index]:
-            target = prefix.rsplit(".", 1)[-1]
-            if target not in targets:
-                raise ZeroCheckpointError(
-                    f"{prefix} is adapted in the checkpoint but the configuration's "
-                    f"target_modules are {config.target_modules}"
-                )
-            d_out, _ = tensors[f"{prefix}.lora_B"].shape
-            d_in = tensors[f"{prefix}.lora_A"].shape[1]
-            base = nn.Linear(d_in, d_out, bias=False, device="meta")
-            layer = MoELoRALinear(base, ranks[index], **config.layer_kwargs(len(ranks[index])))
-            for name in MoELoRALinear.adapter_tensor_names:
-                key = f"{prefix}.{name}"
-                if key not in tensors:
-                    raise ZeroCheckpointError(f"the checkpoint lacks {key}")
-                _set_tensor(layer, name, tensors[key], key)
-            _attach(root, prefix, layer)
-        found = {p.rsplit(".", 1)[-1] for p in by_layer[index]}
-        if found != targets:
+    for key, target in expected.items():
+        value = tensors[key]
+        if value.numel() == 0 and target.numel() > 0:
             raise ZeroCheckpointError(
-                f"decoder layer {index} adapts {sorted(found)}, the configuration {sorted(targets)}"
+                f"{key} is empty: a placeholder of a partitioned (ZeRO-3) checkpoint?"
             )
-    setattr(root, CONFIG_ATTRIBUTE, config)
-    return root
+        if key.endswith(".log_tau"):
+            value = scalar_log_tau_as_vector(value)
+        if tuple(value.shape) != tuple(target.shape):
+            raise ZeroCheckpointError(
+                f"{key} has shape {tuple(value.shape)} but the adapter configuration gives "
+                f"{tuple(target.shape)}: the configuration is not the one the run trained with"
+            )
+    subset = {k: tensors[k].detach() for k in expected}
+    with torch.no_grad():
+        model.load_state_dict(subset, strict=False, assign=True)
+    return model
 
 
 def _trained_names(states: Mapping[str, Any]) -> set[str]:
@@ -411,11 +393,15 @@ def _master_weights(checkpoint_dir: Path, tag: str) -> dict[str, Tensor]:
 def adapter_from_zero_checkpoint(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
-    config: str | Path | MoELoRAConfig | None = None,
+    config: str | Path | AdapterSpec | AdapterConfig | None = None,
     tag: str | None = None,
     master_weights: bool = False,
+    base: str | Path | None = None,
 ) -> Path:
-    """Write the MoE-LoRA adapter of a ZeRO-0/1/2 or sharded (FSDP2) checkpoint to ``out_dir``."""
+    """Write the adapter of a ZeRO-0/1/2 or sharded (FSDP2) checkpoint to ``out_dir``, for
+    any method: the method (``config``, default the checkpoint's) is applied to the base
+    architecture on the meta device (``base``, default the checkpoint's), its declared tensors
+    are filled from the checkpoint, and the method saves itself (:meth:`AdapterSpec.save`)."""
     if is_sharded_checkpoint(checkpoint_dir):
         if master_weights:
             raise ZeroCheckpointError(
@@ -427,40 +413,33 @@ def adapter_from_zero_checkpoint(
     else:
         folder = checkpoint_tag_dir(checkpoint_dir, tag)
         states = read_model_states(folder)
-    if isinstance(config, MoELoRAConfig):
-        adapter_config = config
-    else:
-        adapter_config = resolve_adapter_config(config, states)
-        saved = (states.get("hyper_parameters") or {}).get("adapter")
-        if config is not None and saved is not None:
-            try:
-                trained = _description_to_config(saved, "hyper_parameters")
-            except ValueError:
-                trained = None
-            if trained is not None and trained.to_dict() != adapter_config.to_dict():
-                print(
-                    f"warning: {config} differs from the adapter configuration saved in the "
-                    "checkpoint; using the one given",
-                    file=sys.stderr,
-                )
+    hparams = states.get("hyper_parameters") or {}
+    spec = resolve_adapter(config, states)
+    saved = hparams.get("adapter")
+    if config is not None and saved is not None:
+        try:
+            trained = _description_to_method(saved, "hyper_parameters")
+        except (ValueError, TypeError):
+            trained = None
+        if trained is not None and trained != spec:
+            print(
+                f"warning: {config} differs from the adapter configuration saved in the "
+                "checkpoint; using the one given",
+                file=sys.stderr,
+            )
     module_state = states["module"]
     if master_weights:
         module_state = _master_weights(folder.parent, folder.name)
-    tensors = _adapter_tensors(module_state)
-    model = build_adapter_model(tensors, adapter_config)
-    written = set(adapter_state_dict(model))
-    unused = sorted(set(tensors) - written)
-    if unused:
-        raise ZeroCheckpointError(
-            f"adapter tensors the configuration has no place for: {unused[:5]}"
-        )
+    tensors = _checkpoint_tensors(module_state)
+    model = adapted_model_from_tensors(spec, base_skeleton(hparams, base), tensors)
+    written = set(spec.adapter_tensors(model))
     beyond = sorted(_trained_names(states) - written)
     if beyond:
         raise ZeroCheckpointError(
-            f"the run also trained {len(beyond)} parameter(s) outside the MoE-LoRA adapter, e.g. "
-            f"{beyond[:3]}; an adapter file would silently drop them"
+            f"the run also trained {len(beyond)} parameter(s) outside the {spec.method_name} "
+            f"adapter, e.g. {beyond[:3]}; an adapter file would silently drop them"
         )
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    dtypes = sorted({str(tensors[k].dtype).removeprefix("torch.") for k in written})
     metadata = {
         "source": "sharded checkpoint" if "ds_version" not in states else "deepspeed checkpoint",
         "checkpoint": str(folder),
@@ -471,7 +450,7 @@ def adapter_from_zero_checkpoint(
         "epoch": states.get("epoch"),
         "ds_version": states.get("ds_version"),
     }
-    return save_adapter(model, out_dir, metadata=_jsonable(metadata))
+    return spec.save(model, out_dir, metadata=_jsonable(metadata))
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -502,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: read 'latest')")
     parser.add_argument(
+        "--base",
+        default=None,
+        help="the base model (directory, 'toy' or a cached hub id) whose architecture the "
+        "adapter is applied to, on the meta device; default: the checkpoint's hyper_parameters",
+    )
+    parser.add_argument(
         "--master-weights",
         action="store_true",
         help="take the fp32 master weights from the ZeRO optimizer partitions (needs deepspeed) "
@@ -510,13 +495,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = adapter_from_zero_checkpoint(
-            args.checkpoint_dir, args.out_dir, args.config, args.tag, args.master_weights
+            args.checkpoint_dir,
+            args.out_dir,
+            args.config,
+            args.tag,
+            args.master_weights,
+            args.base,
         )
     except (ZeroCheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    config = json.loads((out / ADAPTER_CONFIG).read_text())
-    print(f"adapter written to {out} ({config['metadata'].get('weights')})")
+    description = read_description(out)
+    print(f"{description.method} adapter written to {out} ({description.metadata.get('weights')})")
     return 0
 
 
