@@ -27,19 +27,22 @@ names), ``buffer_names``, ``ds_config``, ``ds_version``, ... and Lightning's own
 states are full tensors (only optimizer state and gradients are partitioned), in the training
 dtype (bf16 under ``bf16-mixed``: DeepSpeed casts the module's parameters).
 
-This tool reads those module states, keeps the MoE-LoRA tensors (``lora_A``, ``lora_B``,
-``router.weight``, ``log_tau`` of every adapted layer), strips the ``model.`` prefix of
-``MedMoEModule.model``, checks every tensor against the adapter configuration, and writes
-``adapter_model.safetensors`` + ``adapter_config.json`` through
-:func:`medmoe.adapters.save_adapter` (same key names, same atomic write), so that
-``load_adapter(base, OUT_DIR)`` on a freshly loaded base gives the trained model's logits.
+This tool reads those module states and converts them for any registered method (MoE-LoRA and
+its subclasses, peft LoRA, multi-LoRA, full fine-tuning): the method (from ``--config`` or the
+checkpoint's ``hyper_parameters["adapter"]``) is applied with its own ``apply`` to the base
+architecture built on the meta device (``--base``, or the checkpoint's ``tiny_llama`` /
+``model_name_or_path``), the tensors it declares (``AdapterSpec.adapter_tensors``) are filled
+from the module states (the ``model.`` prefix of ``MedMoEModule.model`` stripped) and checked by
+name and shape, and the method writes its own adapter directory (``AdapterSpec.save``: the one
+format, atomically), so that ``medmoe.adapters.load_adapted(base, OUT_DIR)`` on a freshly
+loaded base gives the trained model's logits.
 
 ``--master-weights`` takes the fp32 master copy from the ZeRO optimizer partitions instead
 (through DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``; needs ``deepspeed``).
 
 The adapter configuration comes from ``--config`` (a medmoe/LightningCLI YAML such as the
-``config.yaml`` the CLI saves in the run's log directory, an ``adapter_config.json`` or the
-directory holding one) or, by default, from the checkpoint's own ``hyper_parameters``.
+``config.yaml`` the CLI saves in the run's log directory, an adapter directory of any method or
+its description file) or, by default, from the checkpoint's own ``hyper_parameters``.
 
 ZeRO-3 checkpoints partition every parameter across ranks (``zero_pp_rank_*_model_states.pt``
 hold placeholders); they are refused with an error: medmoe supports ZeRO-2.
