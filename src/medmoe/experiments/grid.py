@@ -30,6 +30,41 @@ A grid is a YAML file (see ``configs/experiments/``)::
       overrides: {trainer.max_steps: 3}
       eval: {limit: 4}
 
+Capacity matching (:mod:`~medmoe.experiments.capacity`): a method may size its adapter so its
+parameter count matches another method's, on the real model the run builds::
+
+      - name: lora_matched
+        configs: [configs/baselines/lora.yaml]
+        match:
+          method: med_moe_lora               # the target: another method of this grid
+          count: trainable                   # trainable | active (Table 4's two counts)
+          search: r                          # optional: the knob(s) searched (default by
+                                             #   adapter: LoRA/multi-LoRA r, equal-rank MoE
+                                             #   expert_rank, other MoE rank_scale); a list
+                                             #   searches their product
+          range: {r: [1, 256]}               # optional: each knob's inclusive search range
+          tolerance: 0.03                    # optional: |count / target - 1| allowed (3%)
+
+The runner picks the closest count before any run starts (a :class:`GridError` naming the
+closest achievable counts when none is within the tolerance) and appends the chosen adapter
+keys to the method's overrides (its single-task / replay variants inherit them).
+
+Learning rates chosen on validation (:mod:`~medmoe.experiments.tuning`)::
+
+    tune:
+      seeds: [100, 101, 102]             # tuning seeds (runs <out>/tune/<method>/<point>/seed_<s>)
+      eval: {limit: 200}                 # the grid's eval settings on top; split: validation
+      learning_rate:                     # method -> the model.init_args.learning_rate values
+        full_finetune: [1.0e-4, 3.0e-4, 1.0e-3]
+        lora: [1.0e-3, 3.0e-3, 1.0e-2]
+      router_learning_rate:              # method -> model.init_args.router_learning_rate values
+        med_moe_lora: [3.0e-3, 1.0e-2]   #   (with learning_rate too: every pair is a point)
+
+Each tuned method trains every point on every tuning seed, scored on the validation split
+only; the point with the best mean validation medical average is chosen (ties: the smaller
+learning rate, then the smaller router rate) and the reporting seeds train at it. Generated
+variants (single-task, replay sweep) of a tuned method use its choice.
+
 Relative paths resolve against the current directory first, then against the grid file's
 folder and each of its parents, so a grid under ``configs/experiments/`` finds
 ``configs/demo.yaml`` from the repository root or from anywhere inside it.
@@ -54,7 +89,9 @@ __all__ = [
     "EvalSettings",
     "Grid",
     "GridError",
+    "Match",
     "Method",
+    "Tune",
     "cli_override",
     "load_grid",
 ]
@@ -64,8 +101,16 @@ PAPER_TABLES = (1, 2, 3, 4)
 DEFAULT_TABLES = (1, 2, 4)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _GRID_KEYS = {"name", "description", "base", "seeds", "overrides", "eval", "table3", "methods"}
-_GRID_KEYS |= {"quick", "replay_sweep", "single_task"}
-_METHOD_KEYS = {"name", "label", "configs", "overrides", "tables", "allocation"}
+_GRID_KEYS |= {"quick", "replay_sweep", "single_task", "tune"}
+_METHOD_KEYS = {"name", "label", "configs", "overrides", "tables", "allocation", "match"}
+_MATCH_KEYS = {"method", "count", "search", "range", "tolerance"}
+_TUNE_KEYS = {"seeds", "eval", "learning_rate", "router_learning_rate"}
+COUNT_KINDS = ("trainable", "active")
+MATCH_TOLERANCE = 0.03  # |count / target - 1| a matched method may be off by
+TUNE_DIR = "tune"  # reserved name: <out>/tune/<method>/<point>/seed_<s> holds the tuning runs
+TUNE_SPLIT = "validation"  # the only split tuning runs are scored on
+LR_KEY = "model.init_args.learning_rate"
+ROUTER_LR_KEY = "model.init_args.router_learning_rate"
 _QUICK_KEYS = {"methods", "seeds", "overrides", "eval"}
 _SWEEP_KEYS = {"methods", "ratios"}
 _SINGLE_KEYS = {"methods", "overrides"}
@@ -120,6 +165,60 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class Match:
+    """A method's ``match:``: size its adapter so that its ``count`` parameters come closest to
+    those of method ``target`` (see :mod:`medmoe.experiments.capacity`).
+
+    Attributes:
+        target: the name of the method whose count is matched (a method of the grid's own).
+        count: ``"trainable"`` or ``"active"`` (:func:`medmoe.adapters.parameter_counts`).
+        search: the knobs searched (empty: the adapter's default knob).
+        range: knob -> inclusive ``(low, high)`` search range (absent: the knob's default).
+        tolerance: the largest ``|count / target count - 1|`` accepted.
+        target_method: the target's :class:`Method` (kept so a selection without it still
+            resolves).
+    """
+
+    target: str
+    count: str = "trainable"
+    search: tuple[str, ...] = ()
+    range: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    tolerance: float = MATCH_TOLERANCE
+    target_method: Method | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.target,
+            "count": self.count,
+            "search": list(self.search),
+            "range": {k: list(v) for k, v in sorted(self.range.items())},
+            "tolerance": self.tolerance,
+        }
+
+
+@dataclass(frozen=True)
+class Tune:
+    """The grid's ``tune:`` section: learning rates chosen on the validation split.
+
+    Attributes:
+        seeds: the tuning seeds (every point of a tuned method trains on each).
+        eval: how tuning runs are scored; its split is always ``validation``.
+        learning_rate: method -> the ``model.init_args.learning_rate`` values swept.
+        router_learning_rate: method -> the ``model.init_args.router_learning_rate`` values.
+    """
+
+    seeds: tuple[int, ...]
+    eval: EvalSettings
+    learning_rate: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    router_learning_rate: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        """The tuned methods, in the order the section names them."""
+        return list(dict.fromkeys([*self.learning_rate, *self.router_learning_rate]))
+
+
+@dataclass(frozen=True)
 class Method:
     """One row of the grid: a name, its config fragments and where it is reported.
 
@@ -138,6 +237,7 @@ class Method:
     family: str = ""
     replay_ratio: float | None = None
     single_task: str | None = None
+    match: Match | None = None
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -166,6 +266,7 @@ class Grid:
     description: str = ""
     quick_spec: Mapping[str, Any] | None = None
     replay_ratio: float | None = None
+    tune: Tune | None = None
 
     def family(self, name: str) -> list[Method]:
         """The method ``name`` and its generated variants (replay sweep, single-task runs)."""
@@ -203,11 +304,20 @@ class Grid:
         names = spec.get("methods") or self.method_names[:2]
         seeds = spec.get("seeds") or self.seeds[:1]
         grid = self.select(names, seeds)
+        quick_eval = spec.get("eval") or {}
+        tune = self.tune
+        if tune is not None:  # one tuning seed, the quick eval settings on top
+            tune = dataclasses.replace(
+                tune,
+                seeds=tune.seeds[:1],
+                eval=tune.eval.replace({**quick_eval, "split": TUNE_SPLIT}),
+            )
         return dataclasses.replace(
             grid,
             name=f"{self.name}-quick",
             overrides={**self.overrides, **dict(spec.get("overrides") or {})},
-            eval=self.eval.replace(spec.get("eval") or {}),
+            eval=self.eval.replace(quick_eval),
+            tune=tune,
         )
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Grid:
@@ -291,7 +401,121 @@ def _method(entry: Any, grid_path: Path, index: int) -> Method:
         overrides=_overrides(entry.get("overrides"), f"{where}.overrides"),
         tables=tables,
         allocation=allocation,
+        match=None if entry.get("match") is None else _match(entry["match"], f"{where}.match"),
     )
+
+
+def _match(spec: Any, where: str) -> Match:
+    """``match: {method, count, search, range, tolerance}`` (the target checked later)."""
+    _check_keys(spec, _MATCH_KEYS, where)
+    target = spec.get("method")
+    if not isinstance(target, str) or not target:
+        raise GridError(f"{where}.method must name the method whose count is matched")
+    count = spec.get("count", "trainable")
+    if count not in COUNT_KINDS:
+        raise GridError(f"{where}.count must be one of {list(COUNT_KINDS)}, got {count!r}")
+    search = spec.get("search") or ()
+    search = (search,) if isinstance(search, str) else tuple(search)
+    if any(not isinstance(k, str) for k in search) or len(set(search)) != len(search):
+        raise GridError(f"{where}.search must name distinct knobs, got {list(search)}")
+    ranges: dict[str, tuple[int, int]] = {}
+    for knob, bounds in (spec.get("range") or {}).items():
+        if (
+            not isinstance(bounds, Sequence)
+            or len(bounds) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+            or not 1 <= bounds[0] <= bounds[1]
+        ):
+            raise GridError(
+                f"{where}.range.{knob} must be [low, high], integers with 1 <= low <= high, "
+                f"got {bounds!r}"
+            )
+        ranges[str(knob)] = (int(bounds[0]), int(bounds[1]))
+    if search and set(ranges) - set(search):
+        raise GridError(
+            f"{where}.range names knob(s) {sorted(set(ranges) - set(search))} that "
+            f"{where}.search does not list ({list(search)})"
+        )
+    tolerance = spec.get("tolerance", MATCH_TOLERANCE)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance <= 0:
+        raise GridError(f"{where}.tolerance must be a number > 0, got {tolerance!r}")
+    return Match(target, count, search, ranges, float(tolerance))
+
+
+def _link_matches(methods: Sequence[Method]) -> tuple[Method, ...]:
+    """Each ``match`` with its target's :class:`Method`; a target must be another method of
+    the grid's own that matches nothing itself."""
+    by_name = {m.name: m for m in methods}
+    linked = []
+    for method in methods:
+        match = method.match
+        if match is not None:
+            target = by_name.get(match.target)
+            where = f"method {method.name!r}: match.method"
+            if target is None or target.generated:
+                raise GridError(
+                    f"{where} names {match.target!r}, not a method of this grid; defined: "
+                    f"{[m.name for m in methods if not m.generated]}"
+                )
+            if target.name == method.name or target.match is not None:
+                raise GridError(
+                    f"{where} names {match.target!r}, which "
+                    + ("is the method itself" if target.name == method.name else "is matched too")
+                    + ": the target must be sized by its own config"
+                )
+            method = dataclasses.replace(
+                method, match=dataclasses.replace(match, target_method=target)
+            )
+        linked.append(method)
+    return tuple(linked)
+
+
+def _rates(values: Any, methods: Sequence[Method], where: str) -> dict[str, tuple[float, ...]]:
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise GridError(f"{where} must map method names to lists of rates, got {values!r}")
+    own = [m.name for m in methods if not m.generated]
+    rates = {}
+    for name, listed in values.items():
+        if name not in own:
+            raise GridError(f"{where} names unknown method {name!r}; defined: {own}")
+        if isinstance(listed, (int, float)):
+            listed = [listed]
+        try:
+            floats = tuple(float(v) for v in listed)
+        except (TypeError, ValueError):
+            floats = ()
+        if not floats or any(not v > 0 for v in floats) or len(set(floats)) != len(floats):
+            raise GridError(f"{where}.{name} must list distinct rates > 0, got {listed!r}")
+        rates[str(name)] = floats
+    return rates
+
+
+def _tune(spec: Any, methods: Sequence[Method], settings: EvalSettings, where: str) -> Tune:
+    """``tune: {seeds, eval, learning_rate, router_learning_rate}``."""
+    _check_keys(spec, _TUNE_KEYS, where)
+    seeds = tuple(int(s) for s in spec.get("seeds") or ())
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise GridError(f"{where}.seeds must be a non-empty list of distinct integers")
+    values = dict(spec.get("eval") or {})
+    if values.get("split", TUNE_SPLIT) != TUNE_SPLIT:
+        raise GridError(
+            f"{where}.eval.split must be {TUNE_SPLIT!r} (rates are chosen on validation, never "
+            f"on test), got {values['split']!r}"
+        )
+    values["split"] = TUNE_SPLIT
+    tune = Tune(
+        seeds=seeds,
+        eval=settings.replace(values),
+        learning_rate=_rates(spec.get("learning_rate"), methods, f"{where}.learning_rate"),
+        router_learning_rate=_rates(
+            spec.get("router_learning_rate"), methods, f"{where}.router_learning_rate"
+        ),
+    )
+    if not tune.methods:
+        raise GridError(f"{where} sweeps nothing: give learning_rate and/or router_learning_rate")
+    return tune
 
 
 def _base_values(base: Sequence[Path]) -> dict[str, Any]:
@@ -410,6 +634,9 @@ def load_grid(path: str | Path) -> Grid:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise GridError(f"{grid_path}: duplicate method name(s) {duplicates}")
+    if TUNE_DIR in names:
+        raise GridError(f"{grid_path}: {TUNE_DIR!r} is reserved (the tuning runs' folder)")
+    methods = _link_matches(methods)
     seeds = tuple(int(s) for s in values.get("seeds", [0]))
     if not seeds or len(set(seeds)) != len(seeds):
         raise GridError(f"{grid_path}: seeds must be a non-empty list of distinct integers")
@@ -428,6 +655,10 @@ def load_grid(path: str | Path) -> Grid:
     if values.get("table3") is not None:
         _check_keys(values["table3"], {"lower", "higher"}, "table3")
         table3.update({k: str(v) for k, v in values["table3"].items()})
+    settings = EvalSettings().replace(values.get("eval") or {})
+    tune = None
+    if values.get("tune") is not None:
+        tune = _tune(values["tune"], methods, settings, "tune")
     return Grid(
         path=grid_path,
         name=str(values.get("name") or grid_path.stem),
@@ -435,9 +666,10 @@ def load_grid(path: str | Path) -> Grid:
         seeds=seeds,
         methods=methods,
         overrides=overrides,
-        eval=EvalSettings().replace(values.get("eval") or {}),
+        eval=settings,
         table3=table3,
         description=str(values.get("description") or ""),
         quick_spec=quick,
         replay_ratio=own_ratio,
+        tune=tune,
     )

@@ -46,6 +46,8 @@ CSV_FILES = {
     6: "table6_forgetting_replay.csv",
 }
 ORTHO_CSV = "table5b_ortho_lora.csv"
+CAPACITY_CSV = "capacity_matching.csv"
+TUNING_CSV = "lr_selection.csv"
 CLAIMS_FILE = "claims.md"
 ORTHO = "ortho_lora"  # Ortho-LoRA's method name: its gap recovery against LoRA's family
 RUNS_CSV = "runs.csv"
@@ -283,7 +285,93 @@ def tables(data: Collected) -> list[Table]:
     )
     table4 = Table(4, "Table 4: Parameter efficiency", header, tuple(rows), params_note)
     paper = [t for t in (table1, table2, table3, table4) if t.rows]  # a grid's own tables only
-    return [*paper, *interference_tables(data), replay_table(data)]
+    fairness = [t for t in (capacity_table(data), tuning_table(data)) if t is not None]
+    return [*paper, *interference_tables(data), replay_table(data), *fairness]
+
+
+def capacity_table(data: Collected) -> Table | None:
+    """The "Capacity matching" table of a grid with ``match:`` methods (``None``: it has
+    none), from ``<out>/capacity.json`` (:mod:`medmoe.experiments.capacity`)."""
+    from medmoe.experiments.capacity import read_matches
+
+    matched = [m for m in data.grid.methods if m.match is not None]
+    if not matched:
+        return None
+    found = read_matches(data.out_dir)
+    rows: list[tuple[Cell, ...]] = []
+    for m in matched:
+        match = m.match
+        target = match.target_method.label if match.target_method else match.target
+        entry = (found.get(m.name) or {}).get("matched")
+        if not isinstance(entry, dict):
+            rows.append((m.label, target, match.count, "not resolved yet", None, None, None))
+            continue
+        knobs = ", ".join(f"{k} = {v}" for k, v in entry["knobs"].items())
+        fields = ", ".join(
+            f"{k} = {v}" for k, v in entry["changes"].items() if entry["knobs"].get(k) != v
+        )
+        chosen = f"{knobs} ({fields})" if fields else knobs
+        count, target_count = float(entry["count"]), float(entry["target_count"])
+        rows.append(
+            (m.label, target, match.count, chosen, count, target_count, count / target_count)
+        )
+    header = ("Method", "Matched to", "Count", "Chosen value", "Its count", "Target's count")
+    header += ("Ratio",)
+    note = (
+        "Counted on the real model of each run (the method's merged config, adapter applied, "
+        "medmoe.adapters.parameter_counts) before any run started; the closest count within "
+        f"the tolerance ({matched[0].match.tolerance:.0%} unless a method sets its own) wins, "
+        "ties to the smaller value."
+    )
+    return Table(
+        0, "Capacity matching", header, tuple(rows), note, CAPACITY_CSV, (1, 1, 1, 1, 0, 0, 3)
+    )
+
+
+def tuning_table(data: Collected) -> Table | None:
+    """The "Learning rate selection" table of a grid with a ``tune:`` section (``None``: it
+    has none): every point's validation medical average over the tuning seeds and the choice,
+    from ``<out>/tuning.json`` (:mod:`medmoe.experiments.tuning`)."""
+    from medmoe.experiments.tuning import read_choices
+
+    tune = data.grid.tune
+    if tune is None:
+        return None
+    found = read_choices(data.out_dir)
+    labels = {m.name: m.label for m in data.grid.methods}
+    rows: list[tuple[Cell, ...]] = []
+    for name in tune.methods:
+        if name not in labels:  # a tuned method this report leaves out
+            continue
+        label = labels[name]
+        choice = found.get(name)
+        if not isinstance(choice, dict):
+            rows.append((label, "not chosen yet", MISSING, MISSING, None, 0, ""))
+            continue
+        for point, scores in choice["scores"].items():
+            values = [scores["per_seed"][str(s)] for s in choice["seeds"]]
+            rows.append(
+                (
+                    label,
+                    point,
+                    MISSING if scores["learning_rate"] is None else f"{scores['learning_rate']:g}",
+                    MISSING
+                    if scores["router_learning_rate"] is None
+                    else f"{scores['router_learning_rate']:g}",
+                    Stat.of(values),
+                    len(values),
+                    "chosen" if point == choice["chosen_name"] else "",
+                )
+            )
+    header = ("Method", "Point", "Learning rate", "Router rate", "Validation medical avg.")
+    header += ("Tuning seeds", "Choice")
+    note = (
+        f"Tuning seeds {list(tune.seeds)}, scored on the validation split only (limit "
+        f"{tune.eval.limit}); the choice is the best mean over the tuning seeds (ties: the "
+        "smaller learning rate, then the smaller router rate). The reporting seeds train at "
+        "the chosen point; the test split scores only them. -: the method's configured value."
+    )
+    return Table(0, "Learning rate selection", header, tuple(rows), note, TUNING_CSV)
 
 
 def interference_tables(data: Collected) -> list[Table]:

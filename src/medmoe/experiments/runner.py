@@ -1,4 +1,12 @@
-"""Plan and run a grid: one directory per (method, seed), the base model once, resumable."""
+"""Plan and run a grid: one directory per (method, seed), the base model once, resumable.
+
+A grid with capacity matching (``match:``, :mod:`medmoe.experiments.capacity`) has its adapter
+sizes resolved on the real models before any run starts (a :class:`GridError` refuses the
+grid first). A grid with a ``tune:`` section (:mod:`medmoe.experiments.tuning`) runs in
+stages: the base model, then the tuning runs (``<out>/tune/...``, scored on validation) and
+the untuned methods' runs, then, once every tuning run has finished, the tuned methods'
+reporting runs at the learning rates chosen on validation.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +30,15 @@ from typing import Any
 
 from medmoe.atomic import atomic_write_text
 from medmoe.data.tasks import DOMAIN_TASK_NAMES
-from medmoe.experiments.grid import BASE_RUN, Grid, cli_override
+from medmoe.experiments.grid import (
+    BASE_RUN,
+    TUNE_SPLIT,
+    EvalSettings,
+    Grid,
+    GridError,
+    Method,
+    cli_override,
+)
 from medmoe.experiments.worker import (
     LAST_CHECKPOINT,
     STOP_GRACE,
@@ -80,55 +96,222 @@ def _run_args(
     return args
 
 
-def plan_runs(
+def _method_specs(
+    grid: Grid,
+    method: Method,
+    out_dir: Path,
+    extra: Sequence[str],
+    threads: int | None,
+    added: dict[str, Any],
+) -> list[RunSpec]:
+    """The reporting runs of ``method``, one per seed; ``added``: overrides after the
+    method's own (its matched adapter size, its chosen learning rates)."""
+    overrides = {**grid.overrides, **method.overrides, **added}
+    runs = []
+    for seed in grid.seeds:
+        run_dir = out_dir / method.name / f"seed_{seed}"
+        args = _run_args("fit", (*grid.base, *method.configs), overrides, extra, seed, run_dir)
+        runs.append(
+            RunSpec(
+                method=method.name,
+                seed=seed,
+                run_dir=run_dir,
+                cli_args=args,
+                eval=grid.eval,
+                threads=threads,
+                label=method.label,
+            )
+        )
+    return runs
+
+
+@dataclass
+class _Plan:
+    """A grid's runs by stage: the base model, the tuning runs, the reporting runs that need
+    no choice (``fixed``), and the tuned methods whose reporting runs wait for one."""
+
+    grid: Grid
+    out_dir: Path
+    extra: Sequence[str]
+    threads: int | None
+    matches: dict[str, Any]  # method -> capacity.Matched
+    base: RunSpec
+    tuning: list[RunSpec]
+    fixed: list[RunSpec]
+    waiting: list[Method]  # methods whose family is tuned, in grid order
+
+    def sized(self, method: Method) -> dict[str, Any]:
+        matched = self.matches.get(method.name)
+        return {} if matched is None else dict(matched.overrides)
+
+    def placeholders(self) -> list[RunSpec]:
+        """The waiting methods' runs without a chosen rate (for what is left; never run)."""
+        return [
+            spec
+            for m in self.waiting
+            for spec in _method_specs(
+                self.grid, m, self.out_dir, self.extra, self.threads, self.sized(m)
+            )
+        ]
+
+    def families(self) -> dict[str, set[str]]:
+        """Tuned family -> the run directories of its tuning runs."""
+        left: dict[str, set[str]] = {m.family: set() for m in self.waiting}
+        for spec in self.tuning:
+            left[spec.method.split("/")[1]].add(str(spec.run_dir))
+        return left
+
+    def resolve(
+        self,
+        write: bool = True,
+        log: Callable[[str], None] | None = None,
+        families: Sequence[str] | None = None,
+    ) -> tuple[list[RunSpec], dict[str, str]]:
+        """The waiting methods' runs (of ``families``; default all) at their families' chosen
+        rates, and the methods that cannot be planned (method -> why: a tuning run without
+        results)."""
+        from medmoe.experiments.tuning import TuningIncomplete, choose, write_choices
+
+        tune = self.grid.tune
+        choices, why = {}, {}
+        waiting = [m for m in self.waiting if families is None or m.family in families]
+        for family in dict.fromkeys(m.family for m in waiting):
+            try:
+                choices[family] = choose(tune, family, self.out_dir)
+            except (TuningIncomplete, ValueError) as error:
+                why[family] = str(error)
+        if write and choices:
+            write_choices(self.out_dir, choices)
+        for family, choice in choices.items() if log is not None else ():
+            mean = choice.scores[choice.point.name]["mean"]
+            log(
+                f"tuning: {family} -> {choice.point.name} (validation medical avg {mean:.1f} "
+                f"over tuning seeds {list(choice.seeds)})"
+            )
+        for family, reason in why.items() if log is not None else ():
+            log(f"tuning: {family}: no choice, {reason}")
+        specs, blocked = [], {}
+        for m in waiting:
+            if m.family in why:
+                blocked[m.name] = why[m.family]
+                continue
+            added = {**self.sized(m), **choices[m.family].overrides}
+            specs += _method_specs(self.grid, m, self.out_dir, self.extra, self.threads, added)
+        return specs, blocked
+
+
+def _plan(
     grid: Grid,
     out_dir: str | os.PathLike,
     extra: Sequence[str] = (),
     threads: int | None = None,
-) -> list[RunSpec]:
-    """The base-model run, then every (method, seed), as :class:`RunSpec` (nothing is run).
-
-    Arguments of a run, in order: ``--config`` base config(s), the method's fragments, the
-    grid's overrides, the method's overrides, ``extra`` (``--set`` of the command line), then
-    the run's seed, logger (TensorBoard into the run directory) and no progress bar.
-    The base model is the base config under ``medmoe validate`` with no validation batch,
-    scored with its adapter switched off.
-    """
+    write: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> _Plan:
     out_dir = Path(out_dir).resolve()
     base_dir = out_dir / BASE_RUN
     base_args = _run_args(
         "validate", grid.base, dict(grid.overrides), extra, grid.seeds[0], base_dir
     )
     base_args.append("--trainer.limit_val_batches=0")
-    runs = [
-        RunSpec(
-            method=BASE_RUN,
-            seed=None,
-            run_dir=base_dir,
-            cli_args=base_args,
-            eval=grid.eval,
-            base=True,
-            threads=threads,
-            label="Base Model",
-        )
-    ]
+    base = RunSpec(
+        method=BASE_RUN,
+        seed=None,
+        run_dir=base_dir,
+        cli_args=base_args,
+        eval=grid.eval,
+        base=True,
+        threads=threads,
+        label="Base Model",
+    )
+    matches: dict[str, Any] = {}
+    if any(m.match is not None for m in grid.methods):
+        from medmoe.experiments.capacity import resolve_matches  # builds models: torch
+
+        matches = resolve_matches(grid, out_dir, extra, write=write, log=log)
+    tuned = set(grid.tune.methods) if grid.tune is not None else set()
+    plan = _Plan(grid, out_dir, extra, threads, matches, base, [], [], [])
     for method in grid.methods:
-        overrides = {**grid.overrides, **method.overrides}
-        for seed in grid.seeds:
-            run_dir = out_dir / method.name / f"seed_{seed}"
-            args = _run_args("fit", (*grid.base, *method.configs), overrides, extra, seed, run_dir)
-            runs.append(
-                RunSpec(
-                    method=method.name,
-                    seed=seed,
-                    run_dir=run_dir,
-                    cli_args=args,
-                    eval=grid.eval,
-                    threads=threads,
-                    label=method.label,
-                )
+        if method.family in tuned:
+            plan.waiting.append(method)
+        else:
+            plan.fixed += _method_specs(grid, method, out_dir, extra, threads, plan.sized(method))
+    if grid.tune is not None:
+        plan.tuning = _tuning_specs(grid, plan, {m.family for m in plan.waiting})
+    return plan
+
+
+def _tuning_specs(grid: Grid, plan: _Plan, families: set[str]) -> list[RunSpec]:
+    """Every (point, tuning seed) of the tuned families among the selected methods, scored on
+    the validation split (``grid.tune.eval``)."""
+    from medmoe.experiments.tuning import points, tuning_run_dir
+
+    tune = grid.tune
+    assert tune is not None
+    specs = []
+    for name in tune.methods:
+        if name not in families:
+            continue
+        method = next((m for m in grid.methods if m.name == name), None)
+        if method is None:  # a variant selected alone: its family's own config is not known
+            variants = [m.name for m in grid.methods if m.family == name]
+            raise GridError(
+                f"{', '.join(variants)} take(s) the learning rate tuned for {name!r}: select "
+                f"{name!r} too (its tuning runs train its own config)"
             )
-    return runs
+        for point in points(tune, name):
+            overrides = {
+                **grid.overrides,
+                **method.overrides,
+                **plan.sized(method),
+                **point.overrides,
+            }
+            for seed in tune.seeds:
+                run_dir = tuning_run_dir(plan.out_dir, name, point, seed)
+                configs = (*grid.base, *method.configs)
+                args = _run_args("fit", configs, overrides, plan.extra, seed, run_dir)
+                specs.append(
+                    RunSpec(
+                        method=f"tune/{name}/{point.name}",
+                        seed=seed,
+                        run_dir=run_dir,
+                        cli_args=args,
+                        eval=_validation(tune.eval),
+                        threads=plan.threads,
+                        label=f"{method.label} [tuning {point.name}]",
+                    )
+                )
+    return specs
+
+
+def _validation(settings: EvalSettings) -> EvalSettings:
+    if settings.split != TUNE_SPLIT:  # never reached through load_grid; a hand-built Tune
+        raise ValueError(f"tuning runs are scored on {TUNE_SPLIT!r}, got {settings.split!r}")
+    return settings
+
+
+def plan_runs(
+    grid: Grid,
+    out_dir: str | os.PathLike,
+    extra: Sequence[str] = (),
+    threads: int | None = None,
+) -> list[RunSpec]:
+    """The base-model run, then the tuning runs (a ``tune:`` section), then every
+    (method, seed), as :class:`RunSpec` (nothing is run).
+
+    Arguments of a run, in order: ``--config`` base config(s), the method's fragments, the
+    grid's overrides, the method's overrides, its matched adapter size (``match:``) and
+    chosen learning rates (``tune:``), ``extra`` (``--set`` of the command line), then
+    the run's seed, logger (TensorBoard into the run directory) and no progress bar.
+    The base model is the base config under ``medmoe validate`` with no validation batch,
+    scored with its adapter switched off. A tuned method's reporting runs are listed only
+    once its tuning runs all have results (the choice needs them).
+    """
+    plan = _plan(grid, out_dir, extra, threads)
+    tuned: list[RunSpec] = []
+    if plan.waiting:
+        tuned, _ = plan.resolve(write=False)
+    return [plan.base, *plan.tuning, *plan.fixed, *tuned]
 
 
 def run_command(spec: RunSpec) -> str:
@@ -596,14 +779,43 @@ def run_grid(
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if in_process and jobs > 1:
         raise ValueError("in-process runs go one at a time: use jobs=1 or subprocesses")
-    specs = plan_runs(grid, out_dir, extra, threads)
+    plan = _plan(grid, out_dir, extra, threads, write=True, log=log)  # may refuse the grid
+    specs = [plan.base, *plan.tuning, *plan.fixed]
+    later = plan.placeholders()  # the tuned methods' runs, planned once the rates are chosen
     outcome = GridOutcome(Path(out_dir).resolve())
-    progress = _Progress(len(specs), jobs)
+    progress = _Progress(len(specs) + len(later), jobs)
+    pending = plan.families()  # tuned family -> its tuning runs without an outcome yet
 
     def record(result: RunOutcome) -> RunOutcome:
         outcome.runs.append(result)
         log(f"{progress.step(result)} {_describe(result)}")
         return result
+
+    def release(ended: RunSpec | None) -> list[RunSpec]:
+        """The tuned runs of every family whose tuning runs have all ended (``ended``: the
+        run that just did): the rates chosen, the runs planned; those of a method whose tuning
+        lacks results are failed outcomes (never started)."""
+        for left in pending.values():
+            if ended is not None:
+                left.discard(str(ended.run_dir))
+        ready = [family for family, left in pending.items() if not left]
+        if not ready:
+            return []
+        for family in ready:
+            del pending[family]
+        tuned, blocked = plan.resolve(log=log, families=ready)
+        specs.extend(tuned)
+        for spec in later:
+            if spec.method in blocked:
+                specs.append(spec)
+                error = f"RuntimeError: no learning rate chosen ({blocked[spec.method]})"
+                record(RunOutcome(spec, "failed", error=error))
+        return tuned
+
+    def unplanned() -> list[RunSpec]:
+        """The runs of the families still waiting for their choice (for what is left)."""
+        waiting = {m.name for m in plan.waiting if m.family in pending}
+        return [spec for spec in later if spec.method in waiting]
 
     caught: list[int] = []
     if in_process:
@@ -614,16 +826,21 @@ def run_grid(
                 raise KeyboardInterrupt  # outside a fit (a fit's Ctrl-C is its checkpoint's)
 
         with _signals(on_signal):
-            for spec in specs:
+            todo, index = list(specs), 0
+            while index < len(todo):
+                spec = todo[index]
+                index += 1
                 try:
                     result = record(run_spec(spec, rerun=rerun, mode="in-process"))
                 except KeyboardInterrupt:
                     break  # between two runs
+                if pending and not caught and result.interrupted_by is None:
+                    todo[index:index] = release(spec)  # a family's tuning done: its runs next
                 if result.interrupted_by:  # the fit's own handler took the signal: its name
                     caught.insert(0, int(signal.Signals[result.interrupted_by]))
                 if caught or (result.status == "failed" and fail_fast):
                     break
-        return _finish(outcome, specs, caught, log)
+        return _finish(outcome, specs + unplanned(), caught, log)
 
     pool = _Pool(jobs, rerun, fresh_processes)
 
@@ -666,16 +883,21 @@ def run_grid(
                     outstanding -= len(pool.withdraw())
                     pool.stopping.set()  # the running ones finish; nothing new starts
                 elif result.spec.base and not pool.stopping.is_set():
-                    for spec in specs[1:]:
+                    for spec in specs[1:]:  # the tuning runs first, then the untuned methods'
                         pool.submit(spec)
                     outstanding += len(specs) - 1
+                if pending and not pool.stopping.is_set():
+                    tuned = release(result.spec)  # a family whose tuning runs have all ended
+                    for spec in tuned:
+                        pool.submit(spec)
+                    outstanding += len(tuned)
         finally:
             if caught:
                 began = noticed if noticed is not None else time.monotonic()
                 pool.close(max(0.0, began + stop_grace - time.monotonic()))
             else:
                 pool.close(None)
-    return _finish(outcome, specs, caught, log)
+    return _finish(outcome, specs + unplanned(), caught, log)
 
 
 def _finish(
