@@ -389,7 +389,7 @@ def _step_time_ratio(data: Collected, methods: Sequence[str], task: str | None) 
     for name in methods:
         kept[name] = {}
         for r in data.runs[name]:
-            ratio = contention(r)
+            ratio = None if in_loop else contention(r)  # in-loop medians skip waiting steps
             if ratio is not None and ratio > CONTENTION_LIMIT:
                 excluded.append(f"{name} seed {r['seed']} (wall/CPU {ratio:.2f})")
             else:
@@ -436,10 +436,11 @@ METRICS: dict[str, Metric] = {
             "step_time_ratio",
             "A's seconds per optimizer step over B's, per seed: the mean and t CI of the ratios. "
             f"Per-step time measured inside the training loop (results.json's {LOOP_STEP_KEY}) "
-            "where every run has it, else the fit's CPU seconds per step (fit_cpu_seconds / "
-            "global_step, which includes the fit's setup). Runs whose fit wall / CPU seconds "
-            f"exceed {CONTENTION_LIMIT:.2f} waited for a core (contended: the timing is not the "
-            "method's) and are excluded, each named in the row",
+            "where every run has it (the median over the steps that did not wait for a core, "
+            "medmoe.callbacks.timing.StepTimer), else the fit's CPU seconds per step "
+            "(fit_cpu_seconds / global_step, which includes the fit's setup); then runs whose "
+            f"fit wall / CPU seconds exceed {CONTENTION_LIMIT:.2f} waited for a core "
+            "(contended: the timing is not the method's) and are excluded, each named in the row",
             _step_time_ratio,
             counts=(2,),
         ),
