@@ -29,7 +29,7 @@ from medmoe.adapters.inject import (
     moe_lora_layers,
 )
 from medmoe.adapters.layer import AdapterLayer, adapter_layers
-from medmoe.adapters.med_moe_lora import MoELoRA
+from medmoe.adapters.med_moe_lora import MoELoRA, load_adapter, save_adapter
 from medmoe.adapters.moe_lora import MoELoRALinear
 from medmoe.adapters.registry import (
     adapter_spec,
@@ -44,10 +44,8 @@ from medmoe.adapters.state import (
     ParameterCounts,
     adapter_state_dict,
     adapters_disabled,
-    load_adapter,
     parameter_counts,
     read_adapter_config,
-    save_adapter,
 )
 
 __all__ = [

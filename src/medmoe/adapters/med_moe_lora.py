@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import typing
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -179,3 +180,25 @@ def _init_signature(config_class: type) -> inspect.Signature:
 
 
 MoELoRA.__init__.__signature__ = _init_signature(MoELoRAConfig)  # type: ignore[attr-defined]
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write the model's MoE-LoRA tensors and config into ``directory`` (atomically): the
+    Med-MoE-LoRA method's :meth:`~medmoe.adapters.spec.AdapterSpec.save`."""
+    config: MoELoRAConfig | None = getattr(model, CONFIG_ATTRIBUTE, None)
+    if config is None:
+        raise ValueError("the model carries no MoE-LoRA config: call apply_moe_lora first")
+    return MoELoRA(config=config).save(model, directory, metadata)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRALinear]:
+    """Load a saved Med-MoE-LoRA adapter onto ``model`` (adapting it first if it carries no
+    MoE-LoRA layers): the method's :meth:`~medmoe.adapters.spec.AdapterSpec.load`.
+
+    Every tensor must match by name and shape: missing, unexpected or misshapen tensors raise
+    ValueError naming the file and the keys.
+    """
+    MoELoRA().load(model, directory)
+    return [layer for _, layer in moe_lora_layers(model)]

@@ -22,10 +22,9 @@ from medmoe.adapters.format import (
     AdapterDescription,
     read_description,
 )
-from medmoe.adapters.inject import CONFIG_ATTRIBUTE, moe_lora_layers
+from medmoe.adapters.inject import moe_lora_layers
 from medmoe.adapters.layer import adapter_layers
 from medmoe.adapters.moe_lora import (
-    MoELoRALinear,
     raw_log_tau_from_legacy,
     scalar_log_tau_as_vector,
 )
@@ -47,19 +46,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for name, layer in moe_lora_layers(model)
         for key, tensor in layer.adapter_tensors().items()
     }
-
-
-def save_adapter(
-    model: nn.Module, directory: str | os.PathLike, metadata: dict[str, Any] | None = None
-) -> Path:
-    """Write the model's MoE-LoRA tensors and config into ``directory`` (atomically): the
-    Med-MoE-LoRA method's :meth:`~medmoe.adapters.spec.AdapterSpec.save`."""
-    from medmoe.adapters.med_moe_lora import MoELoRA
-
-    config: MoELoRAConfig | None = getattr(model, CONFIG_ATTRIBUTE, None)
-    if config is None:
-        raise ValueError("the model carries no MoE-LoRA config: call apply_moe_lora first")
-    return MoELoRA(config=config).save(model, directory, metadata)
 
 
 def write_safetensors(path: Path, tensors: dict[str, Tensor]) -> None:
@@ -102,19 +88,6 @@ def read_adapter_config(directory: str | os.PathLike) -> MoELoRAConfig:
             "Med-MoE-LoRA one (medmoe.adapters.saved_method reads any method's)"
         )
     return MoELoRAConfig.from_dict(description.config)
-
-
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[MoELoRALinear]:
-    """Load a saved Med-MoE-LoRA adapter onto ``model`` (adapting it first if it carries no
-    MoE-LoRA layers): the method's :meth:`~medmoe.adapters.spec.AdapterSpec.load`.
-
-    Every tensor must match by name and shape: missing, unexpected or misshapen tensors raise
-    ValueError naming the file and the keys.
-    """
-    from medmoe.adapters.med_moe_lora import MoELoRA
-
-    MoELoRA().load(model, directory)
-    return [layer for _, layer in moe_lora_layers(model)]
 
 
 def load_moe_lora_tensors(

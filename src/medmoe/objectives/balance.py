@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medmoe.adapters.capabilities import RoutedLayer
+from medmoe.adapters.layer_capabilities import RoutedLayer
 
 BALANCE_FORMS = ("variance", "normalized", "cv2", "switch")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medmoe.adapters.capabilities import RoutedLayer
+from medmoe.adapters.layer_capabilities import RoutedLayer
 from medmoe.objectives.balance import (
     knowledge_preservation_loss,
     load_balance_loss,
