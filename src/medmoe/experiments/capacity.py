@@ -51,8 +51,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from medmoe.atomic import atomic_write_text
 from medmoe.experiments.grid import Grid, GridError, Match, Method, cli_override
+from medmoe.experiments.worker import read_json_cache, write_json
 
 __all__ = [
     "ADAPTER_KEY",
@@ -428,14 +428,7 @@ def _fingerprint(grid: Grid, method: Method, extra: Sequence[str]) -> str:
 
 def read_matches(out_dir: str | Path) -> dict[str, dict[str, Any]]:
     """``<out>/capacity.json``: method -> ``{"fingerprint", "matched"}`` (empty: none)."""
-    path = Path(out_dir) / CAPACITY_FILE
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return values if isinstance(values, dict) else {}
+    return read_json_cache(Path(out_dir) / CAPACITY_FILE)
 
 
 def resolve_matches(
@@ -475,6 +468,5 @@ def resolve_matches(
             )
     if write and changed and out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        text = json.dumps(cached, indent=2, sort_keys=True) + "\n"
-        atomic_write_text(Path(out_dir) / CAPACITY_FILE, text)
+        write_json(Path(out_dir) / CAPACITY_FILE, cached)
     return resolved

@@ -28,17 +28,15 @@ go into ``<out>/tuning.json`` and the "Learning rate selection" table of ``table
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medmoe.atomic import atomic_write_text
 from medmoe.data.tasks import DOMAIN_TASK_NAMES
 from medmoe.experiments.grid import LR_KEY, ROUTER_LR_KEY, TUNE_DIR, TUNE_SPLIT, Tune
-from medmoe.experiments.worker import read_results
+from medmoe.experiments.worker import read_json_cache, read_results, write_json
 
 __all__ = [
     "TUNING_FILE",
@@ -208,15 +206,9 @@ def write_choices(out_dir: str | Path, choices: Mapping[str, Choice]) -> Path:
     values = read_choices(out_dir)
     values.update({name: choice.to_dict() for name, choice in choices.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
+    return write_json(path, values)
 
 
 def read_choices(out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    path = Path(out_dir) / TUNING_FILE
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return values if isinstance(values, dict) else {}
+    """``<out>/tuning.json`` (empty: no choice recorded yet)."""
+    return read_json_cache(Path(out_dir) / TUNING_FILE)

@@ -104,6 +104,18 @@ def write_json(path: Path, values: dict[str, Any]) -> Path:
     return atomic_write_text(path, text)
 
 
+def read_json_cache(path: Path) -> dict[str, Any]:
+    """The JSON object a grid keeps to avoid recomputing (``capacity.json``, ``tuning.json``);
+    empty when the file is missing, unreadable or not an object: it is then computed again."""
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
 def read_results(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """A run's ``results.json``, or ``None`` when it has none (not run, or failed)."""
     path = Path(run_dir) / RESULTS_FILE
