@@ -40,6 +40,33 @@ def _targets(batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def fit_one_float64_step(
+    module, data, tmp_path, accumulate: int, callback, generator: torch.Generator | None = None
+) -> None:
+    """One optimizer step in float64 on CPU, every LoRA B factor drawn non-zero (so every
+    factor has a gradient), ``callback`` watching."""
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        precision="64-true",
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[callback],
+    )
+    module.configure_model()
+    for name, param in module.model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(param, std=0.1, generator=generator)
+    trainer.fit(module, datamodule=data)
+
+
 def test_every_batch_carries_the_target_tokens_of_its_whole_step_over_all_ranks():
     data = _data()
     accumulate, world = 3, 2
@@ -121,26 +148,7 @@ def test_two_accumulated_micro_batches_of_different_lengths_equal_one_big_batch(
         lambda_kp=0.0,
     )
     check = GradientCheck()
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        max_steps=1,
-        accumulate_grad_batches=2,
-        precision="64-true",
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[check],
-    )
-    module.configure_model()
-    for name, param in module.model.named_parameters():  # B != 0: every factor has a gradient
-        if name.endswith("lora_B"):
-            torch.nn.init.normal_(param, std=0.1)
-    trainer.fit(module, datamodule=data)
+    fit_one_float64_step(module, data, tmp_path, accumulate=2, callback=check)
 
     first, second = check.batches[:2]
     assert first["input_ids"].shape[1] != second["input_ids"].shape[1]  # different lengths
@@ -228,26 +236,9 @@ def _task_mean_step(tmp_path, batch_size: int, accumulate: int) -> StepRecorder:
         loss_normalization="task_mean",
     )
     recorder = StepRecorder()
-    trainer = Trainer(
-        default_root_dir=tmp_path,
-        max_steps=1,
-        accumulate_grad_batches=accumulate,
-        precision="64-true",
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[recorder],
+    fit_one_float64_step(
+        module, data, tmp_path, accumulate, recorder, generator=torch.Generator().manual_seed(1)
     )
-    module.configure_model()
-    for name, param in module.model.named_parameters():  # B != 0: every factor has a gradient
-        if name.endswith("lora_B"):
-            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(1))
-    trainer.fit(module, datamodule=data)
     return recorder
 
 
