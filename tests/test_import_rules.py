@@ -25,9 +25,6 @@ ADAPTERS = SRC / "adapters"
 
 # modules that still name a concrete layer, each with why; flip to a pass when fixed
 KNOWN = {
-    "model.py": "MedMoEModule still finds its routed layers with isinstance(m, MoELoRALinear) "
-    "and reads num_tasks with getattr; it moves to medmoe.adapters.routed_layers, "
-    "AdapterSpec.auxiliary_losses and task_routing (issue 20)",
     "objectives/task_gradients.py": "the per-task gradient hooks of Ortho-LoRA recompute "
     "MoELoRALinear's packed expert path (gates, slot_expert, slot_scale); that math belongs in "
     "a layer capability of medmoe.adapters (issue 20, left for the Ortho-LoRA work)",

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from medmoe.adapters import MoELoRAConfig, MoELoRALinear, enable_gradient_checkpointing
+from medmoe.adapters import MoELoRAConfig, enable_gradient_checkpointing
+from medmoe.adapters.capabilities import RoutedLayer, routed_layers, task_routing
 from medmoe.adapters.med_moe_lora import adapter_spec
 from medmoe.adapters.spec import AdapterConfig, AdapterSpec
 from medmoe.adapters.state import (
@@ -31,7 +32,6 @@ from medmoe.losses import (
     target_token_losses,
     task_mean_objective,
 )
-from medmoe.objectives import knowledge_preservation_loss, load_balance_loss, recorded_router_probs
 from medmoe.objectives.projection import ORTHO_TASKS, OrthoLoRA
 from medmoe.optimization import (
     is_deepspeed,
@@ -174,7 +174,7 @@ class MedMoEModule(LightningModule):
         self.adapter: AdapterSpec = adapter_spec(adapter)
         self.task_names = list(task_names or [])
         self.model: nn.Module | None = None
-        self.moe_layers: list[MoELoRALinear] = []
+        self.moe_layers: list[RoutedLayer] = []  # the routed layers (none for LoRA, FFT)
         self.ortho: OrthoLoRA | None = None
         self._ortho_task_ids: list[int] | None = None  # ortho_tasks="domain": set in setup
         self.strict_loading = False  # checkpoints leave the frozen base out
@@ -198,16 +198,24 @@ class MedMoEModule(LightningModule):
         )
         if self.hparams.gradient_checkpointing:
             enable_gradient_checkpointing(base)
-        expected_tasks = getattr(self.adapter, "num_tasks", None)
-        if expected_tasks is not None and self.task_names and expected_tasks > len(self.task_names):
+        per_task = task_routing(self.adapter)
+        if per_task is not None and self.task_names and per_task.num_tasks > len(self.task_names):
             raise ValueError(
-                f"{type(self.adapter).__name__}.num_tasks={expected_tasks} but the data has "
+                f"{type(self.adapter).__name__}.num_tasks={per_task.num_tasks} but the data has "
                 f"only {len(self.task_names)} tasks {self.task_names}: one adapter per domain "
                 "task (the data's tasks come first in task-id order, then its replay)"
             )
         self.model = self.adapter.apply(base)
         self.model.train(self.training)  # from_pretrained returns eval mode: follow the module
-        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELoRALinear)]
+        self.moe_layers = [layer for _, layer in routed_layers(self.model)]
+        # a configured loss must act: L_kp (LoRAMoE's) needs a base group to route general data to
+        has_base = any(layer.num_base_experts for layer in self.moe_layers)
+        if self.hparams.lambda_kp > 0 and self.moe_layers and not has_base:
+            raise ValueError(
+                f"lambda_kp={self.hparams.lambda_kp} but no routed layer has base experts "
+                "(num_base_experts 0 everywhere): set model.init_args.lambda_kp: 0.0 or give "
+                "the adapter a base group (base_expert_fraction or num_base_experts)"
+            )
         if self.hparams.gradient_projection == "ortho":
             if len(self.task_names) < 2:
                 raise ValueError(
@@ -266,28 +274,23 @@ class MedMoEModule(LightningModule):
         token_loss, target_mask = self.token_losses(batch)
         task_loss = token_loss.sum() / target_mask.sum().clamp_min(1)
         losses = {"task_loss": task_loss, "token_loss": token_loss, "target_mask": target_mask}
-        routing = task_loss.new_zeros(())
-        if self.moe_layers and (self.hparams.lambda_balance > 0 or self.hparams.lambda_kp > 0):
-            probs = recorded_router_probs(self.moe_layers)
-            if self.hparams.routing_tokens == "target":
-                # a label at t+1 makes position t a target-predicting token
-                routing_mask = F.pad(target_mask, (0, 1), value=False)
-            else:
-                routing_mask = batch["attention_mask"].bool()
-            if self.hparams.lambda_balance > 0:
-                balance = load_balance_loss(probs, routing_mask, self.hparams.balance_form)
-                losses["balance_loss"] = balance
-                routing = routing + self.hparams.lambda_balance * balance
-            if self.hparams.lambda_kp > 0:
-                kp = knowledge_preservation_loss(
-                    probs,
-                    batch["is_general"],
-                    [layer.num_base_experts for layer in self.moe_layers],
-                    routing_mask,
-                    self.hparams.kp_delta,
-                )
-                losses["kp_loss"] = kp
-                routing = routing + self.hparams.lambda_kp * kp
+        if self.hparams.routing_tokens == "target":
+            # a label at t+1 makes position t a target-predicting token
+            routing_mask = F.pad(target_mask, (0, 1), value=False)
+        else:
+            routing_mask = batch["attention_mask"].bool()
+        # the method's auxiliary terms (MoE-LoRA: eq 5's balance and KP losses), {} for others
+        auxiliary = self.adapter.auxiliary_losses(
+            self.model,
+            routing_mask,
+            lambda_balance=self.hparams.lambda_balance,
+            lambda_kp=self.hparams.lambda_kp,
+            balance_form=self.hparams.balance_form,
+            kp_delta=self.hparams.kp_delta,
+            is_general=batch.get("is_general"),
+        )
+        routing = auxiliary.pop("routing_loss", task_loss.new_zeros(()))
+        losses.update(auxiliary)
         losses["routing_loss"] = routing
         losses["loss"] = task_loss + routing
         return losses
