@@ -57,9 +57,10 @@ class MedMoEModule(LightningModule):
         tiny_llama: ``LlamaConfig`` keyword arguments to build a random tiny Llama (tests);
             its ``vocab_size`` defaults to the data's.
         adapter: the fine-tuning method (``class_path`` in YAML): an
-            :class:`~medmoe.adapters.spec.AdapterSpec`, or an ``AdapterConfig`` such as
-            :class:`~medmoe.adapters.MoELoRAConfig`, which selects Med-MoE-LoRA
-            (:func:`~medmoe.adapters.med_moe_lora.adapter_spec`). Default: Med-MoE-LoRA.
+            :class:`~medmoe.adapters.spec.AdapterSpec`, or a registered data-only
+            ``AdapterConfig`` (:class:`~medmoe.adapters.MoELoRAConfig` or a subclass), which
+            selects its method (:func:`~medmoe.adapters.med_moe_lora.adapter_spec`). Default:
+            Med-MoE-LoRA.
         vocab_size: the tokenizer's vocabulary size (linked from the data by the CLI).
         task_names: task names by task id (linked from the data), for per-task logging.
         torch_dtype: dtype the base model is loaded in.

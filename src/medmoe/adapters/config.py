@@ -46,9 +46,9 @@ class MoELoRAConfig(AdapterConfig):
         target_modules: names (last path component) of the linear layers adapted in every
             decoder layer. Default: all attention and MLP projections of Llama/Qwen2/Mistral.
         allocation: how many experts each decoder layer gets:
-            ``"eq2"`` (eq 2 with ``n_min``, ``n_max``, ``gamma``), ``"depth_ranges"`` (the
-            default: ``depth_ranges``, fractions of depth, so it fits any depth; layers no
-            range covers follow eq 2), ``"ranges"`` (explicit 1-based ``layer_ranges``; layers
+            ``"eq2"`` (eq 2 with ``n_min``, ``n_max``, ``gamma``), ``"depth_ranges"``
+            (``depth_ranges``, fractions of depth, so it fits any depth; layers no range
+            covers follow eq 2), ``"ranges"`` (explicit 1-based ``layer_ranges``; layers
             no range covers follow eq 2), ``"uniform"`` (``num_experts`` everywhere) or
             ``"bottom_heavy"`` (eq 2 mirrored). ``None`` (the default) resolves to ``"ranges"``
             when ``layer_ranges`` is given, else to ``"depth_ranges"``.
@@ -79,7 +79,9 @@ class MoELoRAConfig(AdapterConfig):
         alpha: if set, a fixed alpha for every expert instead (scale alpha / r_i).
         tau_init: initial router temperature.
         learn_tau: learn tau (one per adapted layer) or keep it at ``tau_init``.
-        tau_range: clamp range of tau, so it cannot run off to a uniform router.
+        tau_range: the interval tau stays in, through a differentiable soft bound at each end
+            (:func:`~medmoe.adapters.moe_lora.soft_bounded_log_tau`, not a clamp), so it cannot
+            run off to a uniform router.
         dropout: dropout on the expert path's input.
         adapter_dtype: ``"float32"`` (default, as peft): the experts' factors are float32 on a
             bf16/fp16 base, so small AdamW updates do not round away; ``"base"``: the base's

@@ -55,7 +55,9 @@ def inject_adapter_layers(
     target_modules: Sequence[str],
     make_layer: Callable[[nn.Linear, int], nn.Module],
 ) -> list[nn.Module]:
-    """The one injection path of every method: decoder layers -> target check -> replace.
+    """The injection path of every method that replaces linear layers (MoE-LoRA, multi-LoRA;
+    LoRA goes through peft, full fine-tuning adds no layer): decoder layers -> target check ->
+    replace.
 
     Every ``nn.Linear`` of decoder layer ``l`` (0-based) whose name is in ``target_modules`` is
     replaced by ``make_layer(linear, l)``; everything else is frozen. Works in place and returns

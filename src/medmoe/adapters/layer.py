@@ -13,7 +13,8 @@ and declares
 
 The checkpoint filter, the optimizer's parameter groups, the adapter state dicts, the switch
 :func:`~medmoe.adapters.state.adapters_disabled`, the parameter counts and the ZeRO converter
-all read these declarations (through the functions below); none matches parameter names.
+all read these declarations (through the functions below), not parameter names (the one
+name-based step left is :mod:`medmoe.zero_to_adapter` reshaping an old file's 0-dim ``log_tau``).
 """
 
 from __future__ import annotations

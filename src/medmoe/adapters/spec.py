@@ -2,7 +2,8 @@
 
 Every method (Med-MoE-LoRA, plain LoRA, multi-LoRA, full fine-tuning, ...) is a subclass of
 :class:`AdapterSpec`, usually a dataclass of its hyper-parameters, selected in YAML by
-``class_path``. The LightningModule only calls these methods.
+``class_path``. The LightningModule calls these methods and the optional capabilities of
+:mod:`medmoe.adapters.capabilities` (routed layers, per-task routing), nothing method-specific.
 
 Besides applying, switching off, saving and loading, a spec declares which tensors of the adapted
 model are the adapter's (:meth:`AdapterSpec.adapter_tensors`) and which of them are exempt from

@@ -15,8 +15,10 @@ __all__ = ["AdapterExport"]
 class AdapterExport(Callback):
     """Writes ``adapter.save(model, <dirpath>)`` at the end of training (rank zero).
 
-    For MoE-LoRA that is ``adapter_model.safetensors`` + ``adapter_config.json``; for peft
-    LoRA peft's own files. The write is atomic: a failed export never replaces a good one.
+    Every method writes through :meth:`~medmoe.adapters.spec.AdapterSpec.save`: the description
+    (``adapter_config.json``; ``medmoe_adapter.json`` beside another library's files, peft's for
+    LoRA and transformers' for full fine-tuning) and the method's tensors, into a staging folder
+    that replaces the directory whole: a failed export never replaces a good one.
 
     Args:
         dirpath: where to write; ``None`` = ``<trainer.log_dir>/adapter``.

@@ -1,7 +1,8 @@
 """The paper's Tables 1-4, Table 5 (interference: joint vs single-task training) and Table 6
-(forgetting vs replay ratio) as Markdown and CSV (mean ± 95% t-interval half-width over seeds),
-``claims.md`` (a verdict per claim of the paper, :mod:`medmoe.experiments.claims`) and the plots
-(:mod:`medmoe.experiments.plots`), from the ``results.json`` files a grid's runs wrote.
+(forgetting vs replay ratio), built from the ``results.json`` files a grid's runs wrote: table
+models whose cells carry mean, 95% t interval and n, rendered as Markdown and CSV text, and
+runs.csv and summary values. Writing the files (with ``claims.md`` and the plots) is
+:mod:`medmoe.experiments.output`'s job.
 
 Paper: Yang, Zeng & Yang, "Towards Specialized Generalists: A Multi-Task MoE-LoRA Framework for
 Domain-Specific LLM Adaptation" (Med-MoE-LoRA; see the README's "The paper").
