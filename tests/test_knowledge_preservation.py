@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MODULE_TINY_LLAMA
 
 from medmoe.adapters import MoELoRAConfig
+from medmoe.model import MedMoEModule
 from medmoe.objectives import layer_knowledge_preservation_loss
 
 
@@ -66,3 +68,20 @@ def test_applied_layers_carry_their_own_base_group(tiny_llama):
     config = MoELoRAConfig(layer_ranges={"1-2": 2, "3-4": 6}, base_expert_fraction=0.5)
     layers = apply_moe_lora(tiny_llama, config)
     assert {(layer.num_experts, layer.num_base_experts) for layer in layers} == {(2, 1), (6, 3)}
+
+
+def test_a_knowledge_preservation_weight_without_base_experts_is_refused() -> None:
+    """L_kp routes general tokens to the base group: with none, a configured lambda_kp would do
+    nothing, so the model build refuses it (naming the key and both ways out)."""
+
+    def module(lambda_kp: float) -> MedMoEModule:
+        adapter = MoELoRAConfig(
+            allocation="uniform", num_experts=2, num_base_experts=0, base_expert_fraction=None
+        )
+        return MedMoEModule(
+            tiny_llama=MODULE_TINY_LLAMA, adapter=adapter, vocab_size=64, lambda_kp=lambda_kp
+        )
+
+    with pytest.raises(ValueError, match=r"lambda_kp=1.0 but no routed layer has base experts"):
+        module(1.0).configure_model()
+    module(0.0).configure_model()  # without the loss the same adapter builds
