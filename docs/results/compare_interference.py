@@ -1,10 +1,12 @@
-"""The interference comparison of docs/results/README.md: toy_full (loss_normalization
-step_tokens) against toy_norm (task_mean), paired on the seeds both grids ran (0-2).
+"""The interference comparisons of docs/results/README.md, paired on the seeds every grid ran
+(0-2): toy_full (loss_normalization step_tokens, single-task runs at the task's share of the
+joint batch, 11) against toy_norm (task_mean) and toy_budget (single-task runs at the joint
+batch size, 32).
 
-    python docs/results/compare_normalisation.py
+    python docs/results/compare_interference.py
 
-Reads the committed runs.csv of both folders; prints one Markdown table (mean over the shared
-seeds, and the per-seed values' range in brackets).
+Reads the committed runs.csv files; prints one Markdown table (mean over the shared seeds, and
+the per-seed values' range in brackets). toy_budget has no Ortho-LoRA or Med-MoE-LoRA rows.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("pubmedqa", "medqa", "clinical_sum")
-GRIDS = {"step_tokens (toy_full)": HERE / "toy_full", "task_mean (toy_norm)": HERE / "toy_norm"}
+GRIDS = {
+    "step_tokens, single-task batch 11 (toy_full)": HERE / "toy_full",
+    "task_mean, single-task batch 11 (toy_norm)": HERE / "toy_norm",
+    "step_tokens, single-task batch 32 (toy_budget)": HERE / "toy_budget",
+}
 
 
 def scores(folder: Path) -> dict[tuple[str, int], dict[str, float]]:
@@ -43,7 +49,7 @@ def main() -> None:
         set.intersection(*({s for (m, s) in r if m == "lora-single-medqa"} for r in runs.values()))
     )
     header = [
-        "Normalisation",
+        "Grid",
         "LoRA joint avg.",
         "LoRA single-task avg.",
         "LoRA gap (joint − single)",
@@ -51,7 +57,7 @@ def main() -> None:
         "Ortho-LoRA − LoRA joint",
         "Med-MoE-LoRA joint avg.",
     ]
-    print(f"Seeds {seeds} (both grids); mean [min, max] over seeds.\n")
+    print(f"Seeds {seeds} (every grid); mean [min, max] over seeds.\n")
     print("| " + " | ".join(header) + " |")
     print("|---" + "|---:" * (len(header) - 1) + "|")
     for name, r in runs.items():
@@ -61,10 +67,13 @@ def main() -> None:
         task_gaps = [
             cell([r[("lora", s)][t] - r[(f"lora-single-{t}", s)][t] for s in seeds]) for t in TASKS
         ]
-        ortho = cell(
-            [r[("ortho_lora", s)]["medical_avg"] - r[("lora", s)]["medical_avg"] for s in seeds]
-        )
-        moe = plain([r[("med_moe_lora", s)]["medical_avg"] for s in seeds])
+        ortho = moe = "not run"
+        if all(("ortho_lora", s) in r for s in seeds):
+            ortho = cell(
+                [r[("ortho_lora", s)]["medical_avg"] - r[("lora", s)]["medical_avg"] for s in seeds]
+            )
+        if all(("med_moe_lora", s) in r for s in seeds):
+            moe = plain([r[("med_moe_lora", s)]["medical_avg"] for s in seeds])
         row = [name, plain(joint), plain(single), cell(gaps), *task_gaps, ortho, moe]
         print("| " + " | ".join(row) + " |")
 
