@@ -307,3 +307,25 @@ def test_model_counter_counts_the_run_model() -> None:
     counter = ModelCounter([*args, f"--{ADAPTER}.r=2"])
     assert counter.count().trainable == 2 * per_rank()
     assert counter.count({"r": 5, "lora_alpha": 10.0}).trainable == 5 * per_rank()
+
+
+def test_an_unmatchable_grid_ends_the_runner_with_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The GridError of a match found while planning is the user's grid at fault: one line on
+    stderr and exit 2, as the runner's other grid errors (not a traceback and exit 1)."""
+    from medmoe.experiments.cli import main
+
+    methods = [
+        {"name": "med_moe_lora"},
+        {
+            "name": "vanilla_matched",  # the expert rank alone cannot come within 3%
+            "configs": [VANILLA],
+            "match": {"method": "med_moe_lora", "search": "expert_rank"},
+        },
+    ]
+    grid = write_grid(tmp_path, methods)
+    assert main([str(grid), "--dry-run", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "'vanilla_matched'" in err[0]
+    assert "within 3%" in err[0]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from medmoe.experiments.grid import GridError, load_grid
+from medmoe.experiments.grid import Grid, GridError, load_grid
 from medmoe.experiments.runner import plan_runs, run_command, run_grid
 from medmoe.experiments.worker import RunSpec, die_with_parent, execute
 
@@ -127,6 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, GridError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, whole, grid, extra)
+    except GridError as error:  # found while planning: capacity matching, tuning choices
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, whole: Grid, grid: Grid, extra: list[str]) -> int:
+    """Plan (``--dry-run``: print) or run the selected ``grid``, then write the report over
+    ``whole`` (the grid file's methods) at the seeds run; returns main's exit status."""
     out_dir = Path(args.out or Path("runs") / "experiments" / whole.name)
     if args.threads is None:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
